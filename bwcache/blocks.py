@@ -1,0 +1,135 @@
+"""Where a transformer keeps its DiT blocks, and what each block class takes and returns.
+
+Model knowledge lives here as data: diffusers' `TransformerBlockRegistry` describes most block classes; the table
+below adds the ones it does not know, and the layouts say in which order a forward runs the block lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+from diffusers.utils.torch_utils import unwrap_module
+
+# Attributes that hold DiT blocks as an `nn.ModuleList`, as diffusers' own caches look for them.
+BLOCK_LIST_NAMES = (
+    "transformer_blocks",
+    "single_transformer_blocks",
+    "temporal_transformer_blocks",
+    "blocks",
+    "layers",
+    "visual_transformer_blocks",
+)
+
+# Transformers whose forward alternates between two block lists (block i of each, in turn).
+INTERLEAVED_LAYOUTS = {
+    "LatteTransformer3DModel": ("transformer_blocks", "temporal_transformer_blocks"),
+}
+
+# Block classes the diffusers registry does not describe: (module, class) -> metadata arguments.
+EXTRA_BLOCK_METADATA = {
+    ("diffusers.models.transformers.transformer_skyreels_v2", "SkyReelsV2TransformerBlock"): dict(
+        return_hidden_states_index=0, return_encoder_hidden_states_index=None
+    ),
+    ("diffusers.models.transformers.transformer_allegro", "AllegroTransformerBlock"): dict(
+        return_hidden_states_index=0, return_encoder_hidden_states_index=None
+    ),
+}
+
+_user_metadata: dict[type, TransformerBlockMetadata] = {}
+
+
+def register_block(
+    block_class: type,
+    return_hidden_states_index: int = 0,
+    return_encoder_hidden_states_index: int | None = None,
+    hidden_states_argument_name: str = "hidden_states",
+    encoder_hidden_states_argument_name: str = "encoder_hidden_states",
+) -> None:
+    """Describe a block class BWCache does not know yet: where its outputs are and how its inputs are named.
+
+    `return_*_index` are positions in the block's returned tuple (`0` with `None` for encoder hidden states means
+    the block returns a single tensor).
+    """
+    metadata = TransformerBlockMetadata(
+        return_hidden_states_index=return_hidden_states_index,
+        return_encoder_hidden_states_index=return_encoder_hidden_states_index,
+        hidden_states_argument_name=hidden_states_argument_name,
+        encoder_hidden_states_argument_name=encoder_hidden_states_argument_name,
+    )
+    metadata._cls = block_class
+    _user_metadata[block_class] = metadata
+
+
+def block_metadata(block_class: type) -> TransformerBlockMetadata | None:
+    """The metadata of a block class, or `None` when nothing describes it."""
+    if block_class in _user_metadata:
+        return _user_metadata[block_class]
+    try:
+        return TransformerBlockRegistry.get(block_class)
+    except ValueError:
+        pass
+    arguments = EXTRA_BLOCK_METADATA.get((block_class.__module__, block_class.__name__))
+    if arguments is None:
+        return None
+    register_block(block_class, **arguments)
+    return _user_metadata[block_class]
+
+
+@dataclass
+class BlockSpec:
+    """One DiT block as the cache sees it."""
+
+    index: int
+    name: str
+    module: torch.nn.Module
+    metadata: TransformerBlockMetadata
+
+    @property
+    def has_encoder_stream(self) -> bool:
+        """Whether the block also returns encoder hidden states (dual-stream blocks)."""
+        return self.metadata.return_encoder_hidden_states_index is not None
+
+
+def find_blocks(transformer: torch.nn.Module) -> list[BlockSpec]:
+    """The transformer's DiT blocks in the order its forward runs them.
+
+    Raises a `ValueError` naming the transformer class when it has no recognisable block list, or naming the block
+    class when a block is of a class nothing describes.
+    """
+    model = unwrap_module(transformer)
+    model_name = type(model).__name__
+    lists = {
+        name: child
+        for name, child in model.named_children()
+        if name in BLOCK_LIST_NAMES and isinstance(child, torch.nn.ModuleList) and len(child) > 0
+    }
+    if not lists:
+        raise ValueError(
+            f"BWCache does not support {model_name}: it has no DiT block list (an nn.ModuleList named one of "
+            f"{', '.join(BLOCK_LIST_NAMES)})."
+        )
+    interleaved = INTERLEAVED_LAYOUTS.get(model_name)
+    if interleaved and all(name in lists for name in interleaved):
+        depth = max(len(lists[name]) for name in interleaved)
+        order = [(name, i) for i in range(depth) for name in interleaved if i < len(lists[name])]
+        order += [(name, i) for name in lists if name not in interleaved for i in range(len(lists[name]))]
+    else:
+        order = [(name, i) for name in lists for i in range(len(lists[name]))]
+
+    specs = []
+    for index, (list_name, i) in enumerate(order):
+        block = lists[list_name][i]
+        block_class = type(unwrap_module(block))
+        metadata = block_metadata(block_class)
+        if metadata is None:
+            raise ValueError(
+                f"BWCache does not support {model_name}: its block class {block_class.__name__} "
+                f"({block_class.__module__}) is not described. Describe it with "
+                "bwcache.register_block(block_class, return_hidden_states_index=..., "
+                "return_encoder_hidden_states_index=...)."
+            )
+        specs.append(BlockSpec(index=index, name=f"{list_name}.{i}", module=block, metadata=metadata))
+    return specs
+

@@ -1,0 +1,159 @@
+"""`BWCacheConfig`: every knob of the cache, validated when the config is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+MODES = ("paper", "blockwise")
+INDICATOR_BLOCK_PRESETS = ("all", "every_other")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class BWCacheConfig:
+    r"""
+    Configuration for [BWCache](https://arxiv.org/abs/2509.13789), block-wise caching for video diffusion transformers.
+
+    Args:
+        threshold (`float`, defaults to `0.15`):
+            δ, compared with the relative-L1 indicator. Higher reuses more (faster, lower fidelity); `0` never reuses
+            and leaves the output bit-identical to running without the cache. Allowed: a finite number ≥ 0.
+        reuse_interval (`int`, *optional*):
+            R. In paper mode, the number of reused steps between two computed steps once reuse has triggered; in
+            block-wise mode, the most consecutive steps one block may reuse. `None` means `max(1, round(0.1 · T))`
+            for T denoising steps (the paper's 10%). Allowed: an integer ≥ 1.
+        tail_fraction (`float`, defaults to `0.5`):
+            Paper mode: after a trigger at step k, the last `max(1, floor(k · tail_fraction))` steps are always
+            computed. Allowed: 0 to 1.
+        mode (`str`, defaults to `"paper"`):
+            `"paper"`: the published method. One indicator per step (mean relative-L1 over the indicator blocks)
+            triggers a fixed schedule of R reused steps and one computed step, in which a reused step runs no block.
+            `"blockwise"`: each block decides on its own, every step, whether to reuse its cached residual (see
+            `bwcache.hooks` for the exact rule).
+        num_inference_steps (`int`, *optional*):
+            T. `None` takes it from the pipeline's `cache_context(..., num_inference_steps=T)`; if the schedule needs
+            it and nothing provides it, the first denoising call raises an error. Allowed: an integer ≥ 1.
+        indicator_blocks (`"all"`, `"every_other"` or a sequence of block indices, *optional*):
+            Blocks whose input feeds the indicator. `None` or `"all"`: every block. `"every_other"`: blocks 0, 2,
+            4, … (the paper's ~50% subset for memory-heavy models). Negative indices count from the last block. In
+            block-wise mode only these blocks may reuse; the others are always computed.
+        indicator_token_stride (`int`, defaults to `1`):
+            Measure distances on every n-th token only, which shrinks the stored features n times. Allowed: ≥ 1.
+        record_trace (`bool`, defaults to `True`):
+            Record every distance and decision in `handle.trace`.
+        warmup_steps (`int`, defaults to `2`):
+            Block-wise mode: the first steps are always computed. Allowed: ≥ 0.
+        tail_steps (`int`, defaults to `1`):
+            Block-wise mode: the last steps are always computed. Allowed: ≥ 0.
+        accumulate_distance (`bool`, defaults to `False`):
+            Block-wise mode: decide on the sum of step-to-step distances since the block was last computed
+            (TeaCache-style) instead of the distance to the input it was last computed on.
+    """
+
+    threshold: float = 0.15
+    reuse_interval: int | None = None
+    tail_fraction: float = 0.5
+    mode: str = "paper"
+    num_inference_steps: int | None = None
+    indicator_blocks: str | Sequence[int] | None = None
+    indicator_token_stride: int = 1
+    record_trace: bool = True
+    warmup_steps: int = 2
+    tail_steps: int = 1
+    accumulate_distance: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ValueError(f"threshold must be a number ≥ 0, got {self.threshold!r}.")
+        if not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ValueError(f"threshold must be a finite number ≥ 0, got {self.threshold!r}.")
+        self.threshold = float(self.threshold)
+        if self.reuse_interval is not None and (not _is_int(self.reuse_interval) or self.reuse_interval < 1):
+            raise ValueError(f"reuse_interval must be an integer ≥ 1 or None, got {self.reuse_interval!r}.")
+        if (
+            isinstance(self.tail_fraction, bool)
+            or not isinstance(self.tail_fraction, (int, float))
+            or not 0.0 <= self.tail_fraction <= 1.0
+        ):
+            raise ValueError(f"tail_fraction must be between 0 and 1, got {self.tail_fraction!r}.")
+        self.tail_fraction = float(self.tail_fraction)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
+        if self.num_inference_steps is not None and (
+            not _is_int(self.num_inference_steps) or self.num_inference_steps < 1
+        ):
+            raise ValueError(f"num_inference_steps must be an integer ≥ 1 or None, got {self.num_inference_steps!r}.")
+        self.indicator_blocks = _normalise_indicator_blocks(self.indicator_blocks)
+        if not _is_int(self.indicator_token_stride) or self.indicator_token_stride < 1:
+            raise ValueError(f"indicator_token_stride must be an integer ≥ 1, got {self.indicator_token_stride!r}.")
+        if not isinstance(self.record_trace, bool):
+            raise ValueError(f"record_trace must be True or False, got {self.record_trace!r}.")
+        for name in ("warmup_steps", "tail_steps"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{name} must be an integer ≥ 0, got {value!r}.")
+        if not isinstance(self.accumulate_distance, bool):
+            raise ValueError(f"accumulate_distance must be True or False, got {self.accumulate_distance!r}.")
+
+    def resolved_reuse_interval(self, num_steps: int) -> int:
+        """R for a run of `num_steps` steps."""
+        if self.reuse_interval is not None:
+            return self.reuse_interval
+        return max(1, round(0.1 * num_steps))
+
+    def resolve_indicator_blocks(self, num_blocks: int) -> list[int]:
+        """The indicator blocks as sorted, non-negative indices into a stack of `num_blocks` blocks."""
+        spec = self.indicator_blocks
+        if spec is None or spec == "all":
+            return list(range(num_blocks))
+        if spec == "every_other":
+            return list(range(0, num_blocks, 2))
+        resolved = set()
+        for index in spec:
+            if not -num_blocks <= index < num_blocks:
+                raise ValueError(
+                    f"indicator_blocks holds block {index}, outside the allowed range "
+                    f"[{-num_blocks}, {num_blocks - 1}] for this model's {num_blocks} blocks."
+                )
+            resolved.add(index % num_blocks)
+        return sorted(resolved)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        if isinstance(self.indicator_blocks, tuple):
+            data["indicator_blocks"] = list(self.indicator_blocks)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BWCacheConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"Unknown BWCacheConfig field(s) {unknown}; allowed: {sorted(names)}.")
+        return cls(**data)
+
+
+def _normalise_indicator_blocks(spec):
+    if spec is None or spec in INDICATOR_BLOCK_PRESETS:
+        return spec
+    if isinstance(spec, str):
+        raise ValueError(
+            f"indicator_blocks must be None, one of {INDICATOR_BLOCK_PRESETS} or a sequence of block indices, "
+            f"got {spec!r}."
+        )
+    try:
+        indices = tuple(spec)
+    except TypeError:
+        raise ValueError(
+            f"indicator_blocks must be None, one of {INDICATOR_BLOCK_PRESETS} or a sequence of block indices, "
+            f"got {spec!r}."
+        ) from None
+    if not indices or not all(_is_int(i) for i in indices):
+        raise ValueError(f"indicator_blocks must be a non-empty sequence of integer block indices, got {spec!r}.")
+    return indices

@@ -1,0 +1,358 @@
+"""Per-model presets: ``presets/<name>.json``, one file per model.
+
+Schema (every key required; ``hub_id``, ``pipeline_class`` and
+``recommended_gpu_memory_gb`` may be null, e.g. for the tiny test model)::
+
+    name, label, kind, hub_id, pipeline_class, dtype,
+    defaults: prompt, negative_prompt, height, width, num_frames,
+              num_inference_steps, guidance_scale, fps, seed
+    limits:   height / width: [min, max, multiple]
+              num_frames: [min, max, rule]   rule = an int multiple or "Nk+r" (e.g. "4k+1")
+              num_inference_steps, guidance_scale: [min, max]
+              prompt_max_chars: int
+    bwcache:  threshold, reuse_interval, tail_fraction, mode, indicator_blocks
+              (indicator_blocks: null = all blocks, "every_other" = blocks 0, 2, 4, ...
+               as the paper's ~50% subset for memory-heavy models, or a list of indices;
+               the cache library resolves it)
+    recommended_gpu_memory_gb, notes
+
+Loading checks the schema and that the preset's own defaults pass its limits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "PRESETS_DIR",
+    "Preset",
+    "load_preset",
+    "list_presets",
+    "preset_names",
+    "frames_rule_ok",
+]
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+# Shown first in menus: it runs anywhere without downloads.
+FIRST_PRESET = "tiny-shapes"
+
+_TOP_KEYS = (
+    "name", "label", "kind", "hub_id", "pipeline_class", "dtype",
+    "defaults", "limits", "bwcache", "recommended_gpu_memory_gb", "notes",
+)
+_NULLABLE_TOP = {"hub_id", "pipeline_class", "recommended_gpu_memory_gb"}
+_DEFAULT_KEYS = (
+    "prompt", "negative_prompt", "height", "width", "num_frames",
+    "num_inference_steps", "guidance_scale", "fps", "seed",
+)
+_LIMIT_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "prompt_max_chars")
+_BWCACHE_KEYS = ("threshold", "reuse_interval", "tail_fraction", "mode", "indicator_blocks")
+
+_RULE_RE = re.compile(r"^\s*(\d+)\s*k\s*(?:\+\s*(\d+))?\s*$")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _parse_rule(rule: Any) -> tuple[int, int]:
+    """(modulus, remainder) for an int multiple or an "Nk+r" string."""
+    if _is_int(rule) and rule >= 1:
+        return rule, 0
+    if isinstance(rule, str):
+        m = _RULE_RE.match(rule)
+        if m and int(m.group(1)) >= 1:
+            mod = int(m.group(1))
+            return mod, int(m.group(2) or 0) % mod
+    raise ValueError(f"frame rule must be an integer >= 1 or a string like '4k+1', got {rule!r}")
+
+
+def _rule_text(rule: Any) -> str:
+    mod, rem = _parse_rule(rule)
+    if mod == 1:
+        return "any count"
+    return f"a multiple of {mod}" if rem == 0 else f"a count of the form {mod}k+{rem}"
+
+
+def frames_rule_ok(num_frames: int, rule: Any) -> bool:
+    """Whether ``num_frames`` satisfies ``rule`` (an int multiple or "Nk+r")."""
+    mod, rem = _parse_rule(rule)
+    return num_frames % mod == rem
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One model preset, read-only (nested sections are read-only mappings, lists become tuples)."""
+
+    name: str
+    label: str
+    kind: str
+    hub_id: str | None
+    pipeline_class: str | None
+    dtype: str
+    defaults: Mapping[str, Any] = field(hash=False)
+    limits: Mapping[str, Any] = field(hash=False)
+    bwcache: Mapping[str, Any] = field(hash=False)
+    recommended_gpu_memory_gb: float | None
+    notes: str
+    path: Path | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>", path: Path | None = None) -> "Preset":
+        """Build and check a preset; ValueError names ``source`` and the offending key."""
+        _check_schema(data, source)
+        preset = cls(
+            name=data["name"],
+            label=data["label"],
+            kind=data["kind"],
+            hub_id=data["hub_id"],
+            pipeline_class=data["pipeline_class"],
+            dtype=data["dtype"],
+            defaults=_freeze(data["defaults"]),
+            limits=_freeze(data["limits"]),
+            bwcache=_freeze(data["bwcache"]),
+            recommended_gpu_memory_gb=data["recommended_gpu_memory_gb"],
+            notes=data["notes"],
+            path=path,
+        )
+        try:
+            preset.validate_request(**{k: data["defaults"][k] for k in _REQUEST_FIELDS})
+        except ValueError as exc:
+            raise ValueError(f"{source}: its defaults break its own limits: {exc}") from None
+        return preset
+
+    def to_dict(self) -> dict:
+        """The preset as plain JSON-able data (the schema, without ``path``)."""
+        return {k: _thaw(getattr(self, k)) for k in _TOP_KEYS}
+
+    def validate_request(
+        self,
+        *,
+        prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> dict:
+        """Check generation settings against this preset's limits.
+
+        Fields left as None are not checked. Raises ValueError naming the field,
+        the value and what is allowed; returns the checked fields as a dict.
+        """
+        lim = self.limits
+        checked: dict[str, Any] = {}
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt must be text, got {type(prompt).__name__}")
+            if not prompt.strip():
+                raise ValueError("prompt is empty; write a prompt of 1 to "
+                                 f"{lim['prompt_max_chars']} characters")
+            if len(prompt) > lim["prompt_max_chars"]:
+                raise ValueError(
+                    f"prompt is {len(prompt)} characters long; {self.label} allows at most {lim['prompt_max_chars']}"
+                )
+            checked["prompt"] = prompt
+        for fname, value in (("height", height), ("width", width)):
+            if value is None:
+                continue
+            lo, hi, mult = lim[fname]
+            value = _need_int(fname, value)
+            if not lo <= value <= hi or value % mult:
+                raise ValueError(
+                    f"{fname} = {value} is not allowed for {self.label}: use a multiple of {mult} from {lo} to {hi}"
+                )
+            checked[fname] = value
+        if num_frames is not None:
+            lo, hi, rule = lim["num_frames"]
+            num_frames = _need_int("num_frames", num_frames)
+            if not lo <= num_frames <= hi or not frames_rule_ok(num_frames, rule):
+                allowed = f"exactly {lo}" if lo == hi else f"{_rule_text(rule)} from {lo} to {hi}"
+                raise ValueError(f"num_frames = {num_frames} is not allowed for {self.label}: use {allowed}")
+            checked["num_frames"] = num_frames
+        if num_inference_steps is not None:
+            lo, hi = lim["num_inference_steps"][:2]
+            num_inference_steps = _need_int("num_inference_steps", num_inference_steps)
+            if not lo <= num_inference_steps <= hi:
+                raise ValueError(
+                    f"num_inference_steps = {num_inference_steps} is outside the allowed range {lo} to {hi} "
+                    f"for {self.label}"
+                )
+            checked["num_inference_steps"] = num_inference_steps
+        if guidance_scale is not None:
+            lo, hi = lim["guidance_scale"][:2]
+            if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool) or not math.isfinite(guidance_scale):
+                raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+            if not lo <= guidance_scale <= hi:
+                raise ValueError(
+                    f"guidance_scale = {guidance_scale} is outside the allowed range {lo} to {hi} for {self.label}"
+                )
+            checked["guidance_scale"] = float(guidance_scale)
+        return checked
+
+
+_REQUEST_FIELDS = ("prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale")
+
+
+def _need_int(fname: str, value: Any) -> int:
+    # UI sliders may deliver whole floats (480.0): accept those, never truncate 480.5.
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    raise ValueError(f"{fname} must be a whole number, got {value!r}")
+
+
+def _check_schema(data: Any, source: str) -> None:
+    def fail(msg: str) -> None:
+        raise ValueError(f"{source}: {msg}")
+
+    if not isinstance(data, Mapping):
+        fail("a preset must be a JSON object")
+    for key in _TOP_KEYS:
+        if key not in data:
+            fail(f"missing key {key!r}")
+        if data[key] is None and key not in _NULLABLE_TOP:
+            fail(f"key {key!r} must not be null")
+    for key in ("name", "label", "kind", "dtype", "notes"):
+        if not isinstance(data[key], str):
+            fail(f"key {key!r} must be a string")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", data["name"]):
+        fail(f"name {data['name']!r} must be lower-case letters, digits, '.', '_' or '-'")
+    for key in ("hub_id", "pipeline_class"):
+        if data[key] is not None and not isinstance(data[key], str):
+            fail(f"key {key!r} must be a string or null")
+    mem = data["recommended_gpu_memory_gb"]
+    if mem is not None and (not _is_number(mem) or mem < 0):
+        fail("recommended_gpu_memory_gb must be a number >= 0 or null")
+
+    for section, keys in (("defaults", _DEFAULT_KEYS), ("limits", _LIMIT_KEYS), ("bwcache", _BWCACHE_KEYS)):
+        sec = data[section]
+        if not isinstance(sec, Mapping):
+            fail(f"{section!r} must be an object")
+        for key in keys:
+            if key not in sec:
+                fail(f"missing key {section}.{key}")
+
+    d = data["defaults"]
+    for key in ("prompt", "negative_prompt"):
+        if not isinstance(d[key], str):
+            fail(f"defaults.{key} must be a string")
+    for key in ("height", "width", "num_frames", "num_inference_steps", "seed"):
+        if not _is_int(d[key]):
+            fail(f"defaults.{key} must be an integer")
+    for key in ("guidance_scale", "fps"):
+        if not _is_number(d[key]) or d[key] < 0:
+            fail(f"defaults.{key} must be a number >= 0")
+    if d["fps"] <= 0:
+        fail("defaults.fps must be positive")
+
+    lim = data["limits"]
+    for key in ("height", "width"):
+        v = lim[key]
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_int(x) for x in v) and 1 <= v[0] <= v[1] and v[2] >= 1):
+            fail(f"limits.{key} must be [min, max, multiple] integers with 1 <= min <= max")
+    v = lim["num_frames"]
+    if not (isinstance(v, (list, tuple)) and len(v) == 3 and _is_int(v[0]) and _is_int(v[1]) and 1 <= v[0] <= v[1]):
+        fail("limits.num_frames must be [min, max, rule] with integers 1 <= min <= max")
+    try:
+        _parse_rule(v[2])
+    except ValueError as exc:
+        fail(f"limits.num_frames: {exc}")
+    v = lim["num_inference_steps"]
+    if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) for x in v) and 1 <= v[0] <= v[1]):
+        fail("limits.num_inference_steps must be [min, max] integers with 1 <= min <= max")
+    v = lim["guidance_scale"]
+    if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) for x in v) and v[0] <= v[1]):
+        fail("limits.guidance_scale must be [min, max] numbers with min <= max")
+    if not _is_int(lim["prompt_max_chars"]) or lim["prompt_max_chars"] < 1:
+        fail("limits.prompt_max_chars must be an integer >= 1")
+
+    b = data["bwcache"]
+    if not _is_number(b["threshold"]) or b["threshold"] < 0:
+        fail("bwcache.threshold must be a number >= 0")
+    if b["reuse_interval"] is not None and (not _is_int(b["reuse_interval"]) or b["reuse_interval"] < 1):
+        fail("bwcache.reuse_interval must be an integer >= 1 or null")
+    if not _is_number(b["tail_fraction"]) or not 0 <= b["tail_fraction"] <= 1:
+        fail("bwcache.tail_fraction must be a number from 0 to 1")
+    if not isinstance(b["mode"], str):
+        fail("bwcache.mode must be a string")
+    ib = b["indicator_blocks"]
+    if not (ib is None or ib in ("all", "every_other") or (isinstance(ib, list) and ib and all(_is_int(i) for i in ib))):
+        fail("bwcache.indicator_blocks must be null, 'all', 'every_other' or a non-empty list of block indices")
+
+
+def _read(path: Path) -> Preset:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    return Preset.from_dict(data, source=str(path), path=path)
+
+
+def _preset_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.json")) if directory.is_dir() else []
+
+
+def _sort_key(p: Preset) -> tuple[bool, str]:
+    return (p.name != FIRST_PRESET, p.name)
+
+
+def list_presets(directory: str | Path | None = None) -> list[Preset]:
+    """Every preset in ``directory`` (default ``PRESETS_DIR``), sorted by name with tiny-shapes first."""
+    directory = PRESETS_DIR if directory is None else Path(directory)
+    return sorted((_read(p) for p in _preset_files(directory)), key=_sort_key)
+
+
+def preset_names(directory: str | Path | None = None) -> list[str]:
+    """Names of the presets in ``list_presets`` order."""
+    return [p.name for p in list_presets(directory)]
+
+
+def load_preset(name_or_path: str | Path, directory: str | Path | None = None) -> Preset:
+    """A preset by name (``presets/<name>.json``, or any preset whose ``name`` matches)
+    or by path to a JSON file. Unknown names raise ValueError listing the available ones."""
+    directory = PRESETS_DIR if directory is None else Path(directory)
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".json" or candidate.parent != Path("."):
+        if not candidate.is_file():
+            raise ValueError(f"preset file not found: {candidate}")
+        return _read(candidate)
+    name = str(name_or_path)
+    direct = directory / f"{name}.json"
+    if direct.is_file():
+        return _read(direct)
+    presets = list_presets(directory)
+    for p in presets:
+        if p.name == name:
+            return p
+    available = ", ".join(p.name for p in presets) or "none"
+    raise ValueError(f"unknown preset {name!r}; available presets: {available}")

@@ -1,0 +1,314 @@
+"""The Tiny Shapes text-to-video pipeline: a small `WanTransformer3DModel` denoising in pixel space.
+
+The denoising loop talks to the transformer exactly like diffusers' `WanPipeline` does (separate cond/uncond calls,
+each inside `transformer.cache_context(...)`, `maybe_free_model_hooks()` at the end), so cache hooks written for
+Wan models run unchanged on this model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .text import TinyTextEncoder
+
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny-shapes"
+CONFIG_NAME = "config.json"
+TRANSFORMER_WEIGHTS = "transformer.safetensors"
+TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
+
+TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": [2, 4, 4],
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "text_dim": 128,
+    "freq_dim": 64,
+    "ffn_dim": 384,
+    "num_layers": 10,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    # RoPE tables are indexed per axis (frames, rows, columns of patches); 64 covers every allowed size.
+    "rope_max_seq_len": 64,
+    "pos_embed_seq_len": None,
+}
+TEXT_ENCODER_CONFIG: dict[str, Any] = {"max_length": 16, "dim": 128, "num_layers": 2, "num_heads": 4, "ffn_dim": 256}
+SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
+
+DEFAULTS: dict[str, Any] = {
+    "prompt": "a red square moving right",
+    "negative_prompt": "",
+    "height": 32,
+    "width": 32,
+    "num_frames": 16,
+    "num_inference_steps": 30,
+    "guidance_scale": 5.0,
+    "fps": 8,
+    "seed": 0,
+}
+# [min, max, multiple] for sizes, [min, max] for the rest; sizes are the range the model was trained on.
+LIMITS: dict[str, Any] = {
+    "height": [24, 40, 4],
+    "width": [24, 40, 4],
+    "num_frames": [8, 24, 4],
+    "num_inference_steps": [1, 100],
+    "guidance_scale": [1.0, 10.0],
+    "prompt_max_chars": 200,
+}
+
+
+def build_transformer(config: dict[str, Any] | None = None) -> WanTransformer3DModel:
+    cfg = dict(TRANSFORMER_CONFIG if config is None else config)
+    cfg["patch_size"] = tuple(cfg["patch_size"])
+    return WanTransformer3DModel(**cfg)
+
+
+def build_text_encoder(config: dict[str, Any] | None = None) -> TinyTextEncoder:
+    return TinyTextEncoder(**(TEXT_ENCODER_CONFIG if config is None else config))
+
+
+def build_scheduler(config: dict[str, Any] | None = None) -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(**(SCHEDULER_CONFIG if config is None else config))
+
+
+@dataclass
+class TinyShapesPipelineOutput(BaseOutput):
+    """`frames`: (batch, frames, H, W, 3) float32 in [0, 1] for "np" and "pt"; a list of lists of PIL images for
+    "pil"; raw latents (batch, 3, frames, H, W) in [-1, 1] for "latent"."""
+
+    frames: Any
+
+
+class TinyShapesPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->transformer"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        text_encoder: TinyTextEncoder,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
+        self.defaults = copy.deepcopy(DEFAULTS)
+        self.limits = copy.deepcopy(LIMITS)
+
+    # ---------------------------------------------------------------- validation
+    def check_inputs(self, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale):
+        lim = self.limits
+        for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
+            lo, hi, mult = lim[name]
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if not (lo <= value <= hi) or value % mult:
+                raise ValueError(f"{name} must be a multiple of {mult} between {lo} and {hi}, got {value}")
+        lo, hi = lim["num_inference_steps"]
+        if not isinstance(num_inference_steps, (int, np.integer)) or not lo <= num_inference_steps <= hi:
+            raise ValueError(f"num_inference_steps must be an integer between {lo} and {hi}, got {num_inference_steps!r}")
+        lo, hi = lim["guidance_scale"]
+        if not isinstance(guidance_scale, (int, float)) or not lo <= guidance_scale <= hi:
+            raise ValueError(f"guidance_scale must be between {lo} and {hi}, got {guidance_scale!r}")
+        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            values = [value] if isinstance(value, str) else value
+            if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+                raise ValueError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+            for v in values:
+                if len(v) > lim["prompt_max_chars"]:
+                    raise ValueError(f"{name} is {len(v)} characters long; the limit is {lim['prompt_max_chars']}")
+
+    # ---------------------------------------------------------------- prompts
+    def encode_prompt(
+        self, prompt: str | list[str], negative_prompt: str | list[str] | None, do_cfg: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompt_embeds = self.text_encoder.encode(prompts)
+        negative_prompt_embeds = None
+        if do_cfg:
+            negative_prompt = "" if negative_prompt is None else negative_prompt
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(
+                    f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; they must match"
+                )
+            negative_prompt_embeds = self.text_encoder.encode(negatives)
+        return prompt_embeds, negative_prompt_embeds
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ):
+        d = self.defaults
+        prompt = d["prompt"] if prompt is None else prompt
+        negative_prompt = d["negative_prompt"] if negative_prompt is None else negative_prompt
+        num_frames = d["num_frames"] if num_frames is None else num_frames
+        height = d["height"] if height is None else height
+        width = d["width"] if width is None else width
+        num_inference_steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        if output_type not in ("np", "pil", "pt", "latent"):
+            raise ValueError(f"output_type must be one of 'np', 'pil', 'pt', 'latent', got {output_type!r}")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        for k in callback_on_step_end_tensor_inputs:
+            if k not in self._callback_tensor_inputs:
+                raise ValueError(f"callback_on_step_end_tensor_inputs may only contain {self._callback_tensor_inputs}")
+        self.check_inputs(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale)
+        self._guidance_scale = float(guidance_scale)
+
+        device = self._execution_device
+        transformer_dtype = self.transformer.dtype
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, negative_prompt, self.do_classifier_free_guidance
+        )
+        batch_size = prompt_embeds.shape[0]
+        prompt_embeds = prompt_embeds.to(transformer_dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+
+        shape = (batch_size, self.transformer.config.in_channels, num_frames, height, width)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            latents = latents.to(device=device, dtype=torch.float32)
+
+        self._num_timesteps = len(timesteps)
+        self.scheduler.set_begin_index(0)
+
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                latent_model_input = latents.to(transformer_dtype)
+                timestep = t.expand(latents.shape[0])
+                cache_context_kwargs = {
+                    "step_index": i,
+                    "num_inference_steps": self._num_timesteps,
+                    "timestep": float(t),
+                    "sigma": float(self.scheduler.sigmas[i]),
+                }
+                with self.transformer.cache_context("cond", **cache_context_kwargs):
+                    noise_pred = self.transformer(
+                        hidden_states=latent_model_input,
+                        timestep=timestep,
+                        encoder_hidden_states=prompt_embeds,
+                        return_dict=False,
+                    )[0]
+                if self.do_classifier_free_guidance:
+                    with self.transformer.cache_context("uncond", **cache_context_kwargs):
+                        noise_uncond = self.transformer(
+                            hidden_states=latent_model_input,
+                            timestep=timestep,
+                            encoder_hidden_states=negative_prompt_embeds,
+                            return_dict=False,
+                        )[0]
+                    noise_pred = noise_uncond + self._guidance_scale * (noise_pred - noise_uncond)
+
+                latents = self.scheduler.step(noise_pred.float(), t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+
+                progress_bar.update()
+
+        if output_type == "latent":
+            video = latents
+        else:
+            video = ((latents.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).contiguous().cpu()
+            if output_type == "np":
+                video = video.numpy()
+            elif output_type == "pil":
+                from PIL import Image
+
+                arr = (video.numpy() * 255).round().astype(np.uint8)
+                video = [[Image.fromarray(frame) for frame in clip] for clip in arr]
+
+        # Resets stateful cache hooks (and re-applies offloading) after every generation, as diffusers does.
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (video,)
+        return TinyShapesPipelineOutput(frames=video)
+
+
+def load_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    path = Path(path) if path is not None else ASSETS_DIR
+    with open(path / CONFIG_NAME, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_pipeline(
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    path: str | os.PathLike | None = None,
+) -> TinyShapesPipeline:
+    """Build the pipeline from the shipped weights; everything is local, nothing touches the network."""
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else ASSETS_DIR
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"Tiny Shapes weights not found in {path}; run `python -m bwcache.tiny.train` to create them"
+        )
+    config = load_config(path)
+    transformer = build_transformer(config["transformer"])
+    text_encoder = build_text_encoder(config["text_encoder"])
+    transformer.load_state_dict(load_file(str(path / TRANSFORMER_WEIGHTS)))
+    text_encoder.load_state_dict(load_file(str(path / TEXT_ENCODER_WEIGHTS)))
+    transformer.eval()
+    text_encoder.eval()
+    pipe = TinyShapesPipeline(transformer, text_encoder, build_scheduler(config["scheduler"]))
+    pipe.defaults.update(config.get("defaults", {}))
+    pipe.limits.update(config.get("limits", {}))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe.to(device=device, dtype=dtype)
+    return pipe
