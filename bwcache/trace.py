@@ -81,6 +81,13 @@ class Trace:
         return summarize(self.to_dict())
 
 
+def reuse_fraction(trace_dict: dict) -> float:
+    """Skipped block evaluations over all block evaluations, from a trace dict."""
+    branches = trace_dict["branches"].values()
+    total = sum(len(b["reused"]) for b in branches) * trace_dict["num_blocks"]
+    return sum(sum(map(sum, b["reused"])) for b in branches) / total if total else 0.0
+
+
 def summarize(trace_dict: dict) -> str:
     """A readable account of what the cache did, from a trace dict."""
     config = trace_dict["config"]

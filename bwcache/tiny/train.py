@@ -36,9 +36,9 @@ from .pipeline import (
 )
 
 RECIPE = {
-    "steps": 2000,
-    "batch_size": 16,
-    "lr": 6e-4,
+    "steps": 1800,
+    "batch_size": 12,
+    "lr": 8e-4,
     "min_lr_ratio": 0.05,
     "warmup_steps": 100,
     "weight_decay": 0.01,
@@ -46,10 +46,10 @@ RECIPE = {
     "grad_clip": 1.0,
     "ema_decay": 0.998,
     "prompt_dropout": 0.1,
-    "sigma_logit_mean": 0.0,
+    "sigma_logit_mean": 0.3,
     "sigma_logit_std": 1.0,
     # Most batches use the default size; the rest cover the allowed range so other sizes also work.
-    "default_size_fraction": 0.75,
+    "default_size_fraction": 0.8,
     "seed": 0,
 }
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, default=None, help="stop early (and save) after this much wall time")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--save-every", type=int, default=200)
     args = p.parse_args(argv)
 
     recipe = dict(RECIPE, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)

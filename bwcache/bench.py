@@ -1,0 +1,444 @@
+"""Speed at quality: BWCache against diffusers' own caches over many prompts, plus the cache's overheads.
+
+`python -m bwcache bench` runs, for each prompt: a warm-up, then per repeat the uncached run and every method's
+cached run, in one process, so each speedup is a ratio of two runs taken side by side. Reported per method: median
+speedup over prompts × repeats, mean PSNR and SSIM against the uncached video (float frames, before encoding), and
+the share of the DiT blocks' linear-layer FLOPs that the method skipped (measured the same way for every method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import peers
+from .blocks import find_blocks
+from .config import BWCacheConfig
+from .hooks import apply_bwcache, remove_bwcache
+from .memory import parameter_bytes, peak_tensor_bytes
+from .metrics import compare_videos
+from .pipelines import default_device, device_name, get_pipeline
+from .runner import _BlockTimer, check_prompt, generate, resolve_config, resolve_preset, resolve_settings
+
+TINY_PROMPTS = (
+    "a red square moving right",
+    "a blue circle moving left",
+    "a green circle moving up",
+    "a yellow square moving down",
+    "a magenta circle moving right",
+    "a cyan square moving left",
+    "a white circle moving down",
+    "a red circle moving up",
+    "a white square moving right",
+    "a blue square moving up",
+)
+
+
+@dataclass
+class Method:
+    """One row of the table: BWCache with a config, or a peer with its parameters."""
+
+    key: str
+    label: str
+    kind: str  # "bwcache" or a peer key
+    params: dict = field(default_factory=dict)
+
+    def enable(self, pipe, preset, settings, calibration):
+        if self.kind == "bwcache":
+            config = resolve_config(preset, settings["num_inference_steps"], **self.params)
+            handle = apply_bwcache(pipe.transformer, config)
+            return lambda: remove_bwcache(pipe.transformer), handle
+        peer = peers.enable_peer(self.kind, pipe, settings, params=self.params, mag_ratios=calibration)
+        return peer.remove, None
+
+
+def default_methods() -> list[Method]:
+    methods = []
+    for delta in (0.05, 0.1, 0.15, 0.2, 0.3):
+        methods.append(Method(f"bw-paper-{delta:g}", f"BWCache paper δ={delta:g}", "bwcache", {"threshold": delta}))
+    for r in (2, 4):
+        methods.append(
+            Method(f"bw-paper-0.15-r{r}", f"BWCache paper δ=0.15 R={r}", "bwcache", {"threshold": 0.15, "reuse_interval": r})
+        )
+    for delta in (0.05, 0.1, 0.2):
+        methods.append(
+            Method(f"bw-block-{delta:g}", f"BWCache block-wise δ={delta:g}", "bwcache", {"threshold": delta, "mode": "blockwise"})
+        )
+    for t in (0.05, 0.1, 0.2):
+        methods.append(Method(f"fbc-{t:g}", f"FirstBlockCache {t:g}", "fbc", {"threshold": t}))
+    for t in (0.06, 0.12):
+        methods.append(Method(f"magcache-{t:g}", f"MagCache {t:g}", "magcache", {"threshold": t}))
+    for n in (3, 5):
+        methods.append(Method(f"taylorseer-{n}", f"TaylorSeer interval {n}", "taylorseer", {"cache_interval": n}))
+    for t in (0.25, 0.5):
+        methods.append(Method(f"seacache-{t:g}", f"SeaCache {t:g}", "seacache", {"threshold": t}))
+    methods.append(Method("pab-2", "PAB spatial 2", "pab", {}))
+    return methods
+
+
+class LinearFlopProbe:
+    """Counts the FLOPs of the linear layers inside the DiT blocks that actually run."""
+
+    def __init__(self, transformer):
+        prefixes = tuple(spec.name + "." for spec in find_blocks(transformer))
+        self.flops = 0
+        self._handles = [
+            module.register_forward_hook(self._count)
+            for name, module in transformer.named_modules()
+            if name.startswith(prefixes) and isinstance(module, torch.nn.Linear)
+        ]
+
+    def _count(self, module, args, output):
+        self.flops += 2 * args[0].numel() * module.out_features
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny-shapes")
+    parser.add_argument("--prompts", type=int, default=8, help="number of prompts (from the preset's list)")
+    parser.add_argument("--prompt-file", type=Path, help="one prompt per line, instead of the built-in list")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per prompt (median taken)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", help="comma-separated method keys (default: all); see --list-methods")
+    parser.add_argument("--list-methods", action="store_true")
+    parser.add_argument("--device")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, SVG and HTML")
+    parser.add_argument("--markdown", type=Path, help="also write the report (e.g. BENCHMARKS.md)")
+
+
+def run_from_args(args) -> int:
+    methods = default_methods()
+    if args.list_methods:
+        for m in methods:
+            print(f"{m.key:<22} {m.label}")
+        return 0
+    if args.methods:
+        wanted = [k.strip() for k in args.methods.split(",") if k.strip()]
+        unknown = sorted(set(wanted) - {m.key for m in methods})
+        if unknown:
+            raise ValueError(f"Unknown method(s) {unknown}; see --list-methods.")
+        methods = [m for m in methods if m.key in wanted]
+    if args.prompt_file:
+        prompts = [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
+    else:
+        prompts = list(TINY_PROMPTS)
+    prompts = prompts[: args.prompts]
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be ≥ 1, got {args.repeats}.")
+    command = "python -m bwcache bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
+    results = run_benchmark(args.preset, prompts, methods, repeats=args.repeats, seed=args.seed, device=args.device)
+    results["command"] = command
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{results['preset']}"
+    Path(f"{stem}.json").write_text(json.dumps(results, indent=1))
+    Path(f"{stem}-pareto.svg").write_text(pareto_svg(results["rows"]))
+    from .figures import sweep_figure
+
+    sweep_figure([_sweep_row(r) for r in results["rows"] if r["psnr"] is not None]).write_html(
+        f"{stem}-pareto.html", include_plotlyjs="cdn"
+    )
+    print(markdown_table(results["rows"]))
+    if args.markdown:
+        args.markdown.write_text(report_markdown(results, svg_path=f"{stem}-pareto.svg"))
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+def _sweep_row(row):
+    return {
+        "threshold": row.get("threshold"),
+        "speedup": row["speedup"],
+        "psnr": row["psnr"],
+        "ssim": row["ssim"],
+        "reuse_fraction": row["skipped"],
+        "label": row["family"],
+    }
+
+
+def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None, progress=print, pipe=None) -> dict:
+    preset = resolve_preset(preset_name)
+    device = device or default_device()
+    pipe = pipe if pipe is not None else get_pipeline(preset, device)
+    per_method: dict[str, dict[str, list]] = {m.key: {"speedup": [], "psnr": [], "ssim": [], "skipped": [], "seconds": []} for m in methods}
+    skipped_reasons: dict[str, str] = {}
+    overheads = {"indicator": [], "ideal_ratio": [], "block_share": []}
+    uncached_seconds = []
+    started = time.perf_counter()
+    for p, prompt in enumerate(prompts):
+        settings = resolve_settings(preset, prompt=prompt, seed=seed + p)
+        check_prompt(pipe, preset, settings)
+        generate(pipe, preset, settings, device)  # warm-up
+        baseline, _ = generate(pipe, preset, settings, device)
+        plain_flops = _probe_flops(pipe, lambda: generate(pipe, preset, settings, device))
+        calibration = None
+        if any(m.kind == "magcache" for m in methods):
+            calibration = peers.calibrate_magcache(
+                pipe, lambda: generate(pipe, preset, settings, device), settings["num_inference_steps"]
+            )
+        active = []
+        for m in methods:
+            reason = peers.applicability(m.kind, pipe, settings) if m.kind != "bwcache" else None
+            if reason:
+                skipped_reasons[m.key] = reason
+                continue
+            remove, _ = m.enable(pipe, preset, settings, calibration)
+            try:
+                frames_holder = {}
+                flops = _probe_flops(pipe, lambda: frames_holder.setdefault("f", generate(pipe, preset, settings, device)[0]))
+            finally:
+                remove()
+            quality = compare_videos(baseline, frames_holder["f"], device=device)
+            per_method[m.key]["psnr"].append(quality["psnr"])
+            per_method[m.key]["ssim"].append(quality["ssim"])
+            per_method[m.key]["skipped"].append(1.0 - flops / plain_flops)
+            active.append(m)
+        for _ in range(repeats):
+            _, t_plain = generate(pipe, preset, settings, device)
+            uncached_seconds.append(t_plain)
+            for m in active:
+                remove, _ = m.enable(pipe, preset, settings, calibration)
+                try:
+                    _, t = generate(pipe, preset, settings, device)
+                finally:
+                    remove()
+                per_method[m.key]["seconds"].append(t)
+                per_method[m.key]["speedup"].append(t_plain / t)
+        overheads_for_prompt(pipe, preset, settings, device, overheads, per_method, methods)
+        if progress:
+            progress(f"[{p + 1}/{len(prompts)}] {prompt!r} done after {time.perf_counter() - started:.0f} s")
+
+    rows = []
+    for m in methods:
+        data = per_method[m.key]
+        if not data["speedup"]:
+            rows.append({"key": m.key, "label": m.label, "family": _family(m), "skipped_reason": skipped_reasons.get(m.key),
+                         "speedup": None, "psnr": None, "ssim": None, "skipped": None})
+            continue
+        rows.append(
+            {
+                "key": m.key,
+                "label": m.label,
+                "family": _family(m),
+                "threshold": m.params.get("threshold"),
+                "params": m.params,
+                "speedup": statistics.median(data["speedup"]),
+                "speedup_min": min(data["speedup"]),
+                "speedup_max": max(data["speedup"]),
+                "psnr": _finite_mean(data["psnr"]),
+                "psnr_min": min(data["psnr"]),
+                "ssim": float(np.mean(data["ssim"])),
+                "skipped": float(np.mean(data["skipped"])),
+            }
+        )
+    memory = memory_overhead(pipe, preset, resolve_settings(preset, prompt=prompts[0], seed=seed), device)
+    settings = resolve_settings(preset, prompt=prompts[0], seed=seed)
+    return {
+        "preset": preset.name,
+        "model": preset.label,
+        "device": device_name(device),
+        "machine": f"{platform.machine()}, {platform.processor() or 'unknown CPU'}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "settings": {k: settings[k] for k in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")},
+        "prompts": prompts,
+        "repeats": repeats,
+        "uncached_seconds_median": statistics.median(uncached_seconds),
+        "rows": rows,
+        "overheads": {
+            "indicator_share_of_step": statistics.median(overheads["indicator"]),
+            "block_share_of_time": statistics.median(overheads["block_share"]),
+            "achieved_over_ideal": statistics.median(overheads["ideal_ratio"]) if overheads["ideal_ratio"] else None,
+            **memory,
+        },
+        "seconds_total": time.perf_counter() - started,
+    }
+
+
+def _family(method: Method) -> str:
+    if method.kind == "bwcache":
+        return "BWCache block-wise" if method.params.get("mode") == "blockwise" else "BWCache paper"
+    return peers.METHODS[method.kind]
+
+
+def _finite_mean(values):
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def _probe_flops(pipe, work) -> int:
+    probe = LinearFlopProbe(pipe.transformer)
+    try:
+        work()
+    finally:
+        probe.remove()
+    return probe.flops
+
+
+def overheads_for_prompt(pipe, preset, settings, device, overheads, per_method, methods):
+    """Indicator cost (threshold 0: distances every step) and achieved vs ideal speedup of the default config."""
+    steps = settings["num_inference_steps"]
+    _, plain = generate(pipe, preset, settings, device)
+    apply_bwcache(pipe.transformer, BWCacheConfig(threshold=0.0, num_inference_steps=steps))
+    try:
+        _, traced = generate(pipe, preset, settings, device)
+    finally:
+        remove_bwcache(pipe.transformer)
+    _, plain_again = generate(pipe, preset, settings, device)
+    overheads["indicator"].append(traced / ((plain + plain_again) / 2) - 1.0)
+
+    handle = apply_bwcache(pipe.transformer, BWCacheConfig(threshold=0.0, num_inference_steps=steps))
+    timer = _BlockTimer(handle, device)
+    try:
+        _, seconds = generate(pipe, preset, settings, device)
+    finally:
+        timer.remove()
+        remove_bwcache(pipe.transformer)
+    share = timer.seconds / seconds
+    overheads["block_share"].append(share)
+
+    config = resolve_config(preset, steps)
+    handle = apply_bwcache(pipe.transformer, config)
+    try:
+        _, cached = generate(pipe, preset, settings, device)
+    finally:
+        remove_bwcache(pipe.transformer)
+    _, plain_third = generate(pipe, preset, settings, device)
+    reuse = handle.trace.reuse_fraction
+    if reuse > 0:
+        ideal = 1.0 / (1.0 - reuse * share)
+        overheads["ideal_ratio"].append((plain_third / cached) / ideal)
+
+
+def memory_overhead(pipe, preset, settings, device) -> dict:
+    """Peak tensor memory of one generation, uncached and with the preset's default BWCache."""
+    weights = sum(parameter_bytes(m) for m in (pipe.transformer, getattr(pipe, "text_encoder", None), getattr(pipe, "vae", None)) if isinstance(m, torch.nn.Module))
+    plain = peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
+    config = resolve_config(preset, settings["num_inference_steps"])
+    apply_bwcache(pipe.transformer, config)
+    try:
+        cached = peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
+    finally:
+        remove_bwcache(pipe.transformer)
+    apply_bwcache(pipe.transformer, BWCacheConfig(threshold=0.0, num_inference_steps=settings["num_inference_steps"]))
+    try:
+        traced = peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
+    finally:
+        remove_bwcache(pipe.transformer)
+    return {
+        "weights_bytes": weights,
+        "peak_activation_bytes_uncached": plain,
+        "peak_activation_bytes_bwcache": cached,
+        "peak_activation_bytes_full_trace": traced,
+        "extra_peak_over_total": (cached - plain) / (plain + weights),
+        "extra_peak_full_trace_over_total": (traced - plain) / (plain + weights),
+    }
+
+
+def markdown_table(rows) -> str:
+    lines = [
+        "| method | speedup (median) | range | PSNR dB (mean) | SSIM (mean) | block compute skipped |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["speedup"] is None:
+            lines.append(f"| {row['label']} | n/a | | | | {row.get('skipped_reason') or ''} |")
+            continue
+        psnr = "∞" if row["psnr"] is None else f"{row['psnr']:.2f}"
+        lines.append(
+            f"| {row['label']} | {row['speedup']:.2f}× | {row['speedup_min']:.2f}–{row['speedup_max']:.2f} | {psnr} | "
+            f"{row['ssim']:.4f} | {row['skipped']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def pareto(rows):
+    """Rows not beaten on both speedup and PSNR by another row."""
+    points = [r for r in rows if r["speedup"] is not None and r["psnr"] is not None]
+    return [
+        r for r in points
+        if not any(o["speedup"] >= r["speedup"] and o["psnr"] >= r["psnr"] and (o["speedup"], o["psnr"]) != (r["speedup"], r["psnr"]) for o in points)
+    ]
+
+
+def pareto_svg(rows, width=720, height=440) -> str:
+    """A dependency-free speedup-vs-PSNR scatter with each family's Pareto frontier."""
+    points = [r for r in rows if r["speedup"] is not None and r["psnr"] is not None]
+    if not points:
+        return '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
+    colours = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#ff7f0e", "#17becf"]
+    families = list(dict.fromkeys(r["family"] for r in points))
+    left, right, top, bottom = 60, 190, 20, 50
+    xs = [r["speedup"] for r in points]
+    ys = [r["psnr"] for r in points]
+    x0, x1 = min(1.0, min(xs)) * 0.95, max(xs) * 1.05
+    y0, y1 = min(ys) - 1, max(ys) + 1
+
+    def sx(v):
+        return left + (v - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(v):
+        return height - bottom - (v - y0) / (y1 - y0) * (height - top - bottom)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+           f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">speedup over uncached (×)</text>',
+           f'<text x="14" y="{(top + height - bottom) / 2}" transform="rotate(-90 14 {(top + height - bottom) / 2})" text-anchor="middle">PSNR vs uncached (dB)</text>']
+    for tick in np.linspace(x0, x1, 6):
+        out.append(f'<text x="{sx(tick):.1f}" y="{height - bottom + 15}" text-anchor="middle">{tick:.2f}</text>')
+    for tick in np.linspace(y0, y1, 6):
+        out.append(f'<text x="{left - 6}" y="{sy(tick) + 4:.1f}" text-anchor="end">{tick:.1f}</text>')
+    for k, family in enumerate(families):
+        colour = colours[k % len(colours)]
+        members = [r for r in points if r["family"] == family]
+        front = sorted(pareto(members), key=lambda r: r["speedup"])
+        if len(front) > 1:
+            path = " ".join(f"{sx(r['speedup']):.1f},{sy(r['psnr']):.1f}" for r in front)
+            out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-dasharray="4 3"/>')
+        for r in members:
+            out.append(f'<circle cx="{sx(r["speedup"]):.1f}" cy="{sy(r["psnr"]):.1f}" r="4" fill="{colour}"><title>{r["label"]}: {r["speedup"]:.2f}×, {r["psnr"]:.2f} dB</title></circle>')
+        out.append(f'<circle cx="{width - right + 15}" cy="{top + 10 + 16 * k}" r="4" fill="{colour}"/>')
+        out.append(f'<text x="{width - right + 24}" y="{top + 14 + 16 * k}">{family}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def report_markdown(results: dict, svg_path: str) -> str:
+    o = results["overheads"]
+    front = {r["key"] for r in pareto(results["rows"])}
+    table = markdown_table(results["rows"])
+    frontier = ", ".join(r["label"] for r in results["rows"] if r["key"] in front)
+    s = results["settings"]
+    return f"""## {results['model']} on {results['device']}
+
+Command: `{results.get('command') or 'python -m bwcache bench'}`
+
+Machine: {results['machine']}. Settings: {s['num_frames']} frames at {s['width']}×{s['height']}, {s['num_inference_steps']} steps,
+guidance {s['guidance_scale']}; {len(results['prompts'])} prompts × {results['repeats']} timed repeats; uncached generation
+{results['uncached_seconds_median']:.2f} s (median). Total benchmark time {results['seconds_total'] / 60:.1f} min.
+
+{table}
+
+On the speed–PSNR Pareto frontier: {frontier}.
+
+![speedup vs PSNR]({svg_path})
+
+Overheads (BWCache, this machine):
+- indicator cost with distances every step (threshold 0, the worst case): {o['indicator_share_of_step']:+.1%} of generation time;
+- DiT blocks' share of generation time: {o['block_share_of_time']:.1%};
+- achieved speedup ÷ ideal speedup implied by the skipped block share (preset default config): {'n/a' if o['achieved_over_ideal'] is None else f"{o['achieved_over_ideal']:.3f}"};
+- extra peak tensor memory over the uncached run (weights + activations): {o['extra_peak_over_total']:+.2%} with the default config,
+  {o['extra_peak_full_trace_over_total']:+.2%} when every block's features are kept for the full distance map.
+"""

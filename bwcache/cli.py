@@ -1,0 +1,111 @@
+"""`python -m bwcache`: compare one prompt with and without BWCache, or benchmark against the peer caches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .pipelines import PipelineUnavailable
+from .report import OUTPUT_FILES
+
+
+def _reuse_interval(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer ≥ 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer ≥ 1, got {value}")
+    return value
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny-shapes", help="preset name or path to a preset JSON (default: tiny-shapes)")
+    parser.add_argument("--prompt", help="prompt (default: the preset's)")
+    parser.add_argument("--negative-prompt", help="negative prompt (default: the preset's)")
+    parser.add_argument("--seed", type=int, help="seed (default: the preset's)")
+    parser.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
+    parser.add_argument("--frames", type=int, dest="num_frames", help="number of frames")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+
+
+def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reuse-interval", type=_reuse_interval, help="R: 'auto' (10%% of steps) or an integer")
+    parser.add_argument("--tail-fraction", type=float, help="paper mode tail fraction (0 to 1)")
+    parser.add_argument("--mode", choices=["paper", "blockwise"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bwcache", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compare = commands.add_parser("compare", help="run a prompt with and without BWCache and report the speedup")
+    _add_generation_arguments(compare)
+    compare.add_argument("--threshold", type=float, help="δ (default: the preset's)")
+    _add_cache_arguments(compare)
+    compare.add_argument("--compare-with", help="also run a peer cache: fbc, magcache, taylorseer, seacache or pab")
+    compare.add_argument("--json", type=Path, help="write the run record to this file")
+    compare.add_argument("--out-dir", type=Path, help="write both videos, the run record and the trace CSV here")
+    compare.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    bench = commands.add_parser("bench", help="speed and quality of BWCache and the peer caches over many prompts")
+    from .bench import add_arguments
+
+    add_arguments(bench)
+    return parser
+
+
+def _compare(args) -> int:
+    from .report import save_comparison, summary_text
+    from .runner import run_comparison
+
+    targets = []
+    if args.json:
+        targets.append(args.json)
+    if args.out_dir:
+        targets += [args.out_dir / name for name in OUTPUT_FILES.values()]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"Refusing to overwrite {', '.join(existing)}; pass --overwrite or choose other paths.")
+
+    comparison = run_comparison(
+        preset=args.preset, prompt=args.prompt, seed=args.seed, threshold=args.threshold,
+        negative_prompt=args.negative_prompt, reuse_interval=args.reuse_interval, tail_fraction=args.tail_fraction,
+        mode=args.mode, num_inference_steps=args.num_inference_steps, num_frames=args.num_frames,
+        height=args.height, width=args.width, guidance_scale=args.guidance_scale, device=args.device,
+        compare_with=args.compare_with, progress=_terminal_progress,
+    )
+    print(file=sys.stderr)
+    print(summary_text(comparison.record))
+    if args.out_dir:
+        paths = save_comparison(comparison, args.out_dir, overwrite=args.overwrite)
+        print(f"wrote {', '.join(paths.values())}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(comparison.record, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _terminal_progress(fraction: float, description: str) -> None:
+    print(f"\r[{fraction:6.1%}] {description:<40}", end="", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "compare":
+            return _compare(args)
+        from .bench import run_from_args
+
+        return run_from_args(args)
+    except (ValueError, FileExistsError, PipelineUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

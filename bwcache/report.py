@@ -1,0 +1,104 @@
+"""What a finished comparison shows: a readable summary, and the files it is saved as."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .figures import trace_to_csv
+from .trace import summarize
+from .video import side_by_side, to_uint8, upscale, write_mp4
+
+
+def _quality_text(entry: dict) -> str:
+    if entry.get("identical"):
+        return "identical to the uncached video (PSNR ∞)"
+    parts = []
+    if entry.get("psnr") is not None:
+        parts.append(f"PSNR {entry['psnr']:.2f} dB")
+    if entry.get("ssim") is not None:
+        parts.append(f"SSIM {entry['ssim']:.4f}")
+    if entry.get("lpips") is not None:
+        parts.append(f"LPIPS {entry['lpips']:.4f}")
+    return ", ".join(parts) or "n/a"
+
+
+def _trigger_text(trigger_steps: dict) -> str:
+    return ", ".join(f"{name} {'—' if step is None else step}" for name, step in trigger_steps.items()) or "—"
+
+
+def summary_markdown(record: dict) -> str:
+    """The headline of a run record, as Markdown."""
+    lines = [
+        f"**{record['speedup']:.2f}× speedup** — uncached {record['baseline_seconds']:.2f} s, "
+        f"BWCache {record['bwcache_seconds']:.2f} s on {record['device']}",
+        "",
+        f"- Reuse: {record['reuse_fraction']:.1%} of block evaluations skipped; trigger step "
+        f"{_trigger_text(record['trigger_steps'])}",
+        f"- Quality vs uncached: {_quality_text(record)}",
+    ]
+    if record.get("ideal_speedup"):
+        lines.append(
+            f"- Ideal speedup for this reuse (DiT blocks took {record['block_share']:.0%} of the time): "
+            f"{record['ideal_speedup']:.2f}×"
+        )
+    peer = record.get("peer")
+    if peer:
+        lines.append(
+            f"- {peer['label']}: {peer['seconds']:.2f} s, {peer['speedup']:.2f}× speedup, {_quality_text(peer)}"
+        )
+    config = record["config"]
+    r = config["reuse_interval"]
+    lines.append(
+        f"- Settings: {config['mode']} mode, δ={config['threshold']:g}, R={'auto' if r is None else r}, "
+        f"seed {record['seed']}, {record['settings']['num_inference_steps']} steps, "
+        f"{record['settings']['num_frames']} frames at {record['settings']['width']}×{record['settings']['height']}"
+    )
+    return "\n".join(lines)
+
+
+def summary_text(record: dict) -> str:
+    """The headline and the cache's own account, as plain text for a terminal."""
+    head = (
+        f"{record['model']}: uncached {record['baseline_seconds']:.2f} s, BWCache {record['bwcache_seconds']:.2f} s, "
+        f"{record['speedup']:.2f}× speedup, {record['reuse_fraction']:.1%} of block evaluations skipped, "
+        f"{_quality_text(record)} ({record['device']})"
+    )
+    return head + "\n" + summarize(record["trace"])
+
+
+def save_comparison(comparison, out_dir: str | Path, fps: int | None = None, overwrite: bool = False) -> dict:
+    """Write both videos (display-sized MP4s, plus one side-by-side), the run record and the trace CSV.
+
+    Existing files are never replaced unless `overwrite` is set. Returns the written paths by name.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = comparison.record
+    fps = fps or record["settings"].get("fps") or 8
+    paths = {name: out_dir / file for name, file in OUTPUT_FILES.items()}
+    if not overwrite:
+        existing = [str(p) for p in paths.values() if p.exists()]
+        if existing:
+            raise FileExistsError(f"Refusing to overwrite {', '.join(existing)}; choose another folder.")
+    baseline, cached = upscale_pair(comparison.baseline_frames, comparison.bwcache_frames)
+    write_mp4(baseline, paths["baseline"], fps, overwrite=overwrite)
+    write_mp4(cached, paths["bwcache"], fps, overwrite=overwrite)
+    write_mp4(side_by_side(baseline, cached), paths["side_by_side"], fps, overwrite=overwrite)
+    paths["record"].write_text(json.dumps(record, indent=1))
+    paths["trace_csv"].write_text(trace_to_csv(record["trace"]))
+    return {name: str(path) for name, path in paths.items()}
+
+
+OUTPUT_FILES = {
+    "baseline": "baseline.mp4",
+    "bwcache": "bwcache.mp4",
+    "side_by_side": "side_by_side.mp4",
+    "record": "run.json",
+    "trace_csv": "trace.csv",
+}
+
+
+def upscale_pair(*videos, min_side: int = 256):
+    """Tiny clips enlarged crisply for display, all by the same factor."""
+    return tuple(upscale(to_uint8(v), min_side=min_side) for v in videos)
