@@ -1,0 +1,191 @@
+"""BWCache overheads on the full-size Wan2.1-T2V-1.3B transformer (random weights), with a forced reuse schedule.
+
+    python benchmarks/gpu_wan.py                      # on a CUDA GPU: bf16, 480×832, 81 frames, 30 steps, CFG
+    python benchmarks/gpu_wan.py --tiny --device cpu  # a seconds-long run of the same code on a tiny config
+
+The denoising loop calls the transformer the way WanPipeline does (cond and uncond passes, each inside
+`cache_context(..., step_index, num_inference_steps)`), with random latents and text embeddings. Weights are random:
+speed and memory do not depend on them. Reported: uncached and cached seconds per step, the indicator's cost as a
+share of step time (distances of every block at every step: the worst case), the DiT blocks' share of step time, the
+achieved speedup over the ideal one implied by the skipped block share, and the extra peak memory over the uncached run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bwcache import BWCacheConfig, apply_bwcache, remove_bwcache  # noqa: E402
+
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024,
+)
+TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=4, text_dim=16, rope_max_seq_len=32)
+
+
+def latent_shape(frames: int, height: int, width: int) -> tuple[int, ...]:
+    """Wan's VAE: 4× temporal and 8× spatial compression, 16 channels."""
+    return (1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def denoise(model, latents, text, negative, steps, device):
+    """Seconds of a CFG denoising loop; the latents follow a simple Euler path so features evolve like sampling."""
+    x = latents.clone()
+    sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.full((1,), 1000.0 * (1 - i / steps), device=device)
+            with model.cache_context("cond", step_index=i, num_inference_steps=steps):
+                cond = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+            with model.cache_context("uncond", step_index=i, num_inference_steps=steps):
+                uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=negative, return_dict=False)[0]
+            x = x - (1.0 / steps) * (uncond + 5.0 * (cond - uncond))
+    sync(device)
+    model._reset_stateful_cache()
+    return time.perf_counter() - start
+
+
+def peak_memory(run, device) -> int:
+    if torch.device(device).type != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    return torch.cuda.max_memory_allocated()
+
+
+def block_seconds(model, run, device) -> float:
+    """Time inside the DiT blocks during `run` (synchronised), for the blocks' share of step time."""
+    total = [0.0]
+    starts = []
+
+    def enter(module, args):
+        sync(device)
+        starts.append(time.perf_counter())
+
+    def leave(module, args, output):
+        sync(device)
+        total[0] += time.perf_counter() - starts.pop()
+
+    handles = [h for b in model.blocks for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny config (a smoke run of the same code)")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reuse-interval", type=int, default=3, help="R of the forced schedule (trigger at step 1)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.frames, args.height, args.width = min(args.frames, 5), min(args.height, 32), min(args.width, 32)
+    device = args.device
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    config = TINY if args.tiny else WAN_1_3B
+    with torch.device(device):
+        model = WanTransformer3DModel(**config).to(dtype).eval()
+    shape = latent_shape(args.frames, args.height, args.width)
+    generator = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    text = torch.randn(1, 512, config["text_dim"], generator=generator, device=device, dtype=dtype)
+    negative = torch.randn(1, 512, config["text_dim"], generator=generator, device=device, dtype=dtype)
+    tokens = shape[2] * (shape[3] // 2) * (shape[4] // 2)
+
+    def plain():
+        return denoise(model, latents, text, negative, args.steps, device)
+
+    def with_cache(cache_config):
+        def run():
+            handle = apply_bwcache(model, cache_config)
+            try:
+                return denoise(model, latents, text, negative, args.steps, device), handle
+            finally:
+                remove_bwcache(model)
+
+        return run
+
+    full_trace = BWCacheConfig(threshold=0.0)
+    forced = BWCacheConfig(threshold=1e9, reuse_interval=args.reuse_interval)
+
+    plain()  # warm-up
+    uncached, traced, cached = [], [], []
+    reuse = None
+    for _ in range(args.repeats):
+        uncached.append(plain())
+        traced.append(with_cache(full_trace)()[0])
+        seconds, handle = with_cache(forced)()
+        cached.append(seconds)
+        reuse = handle.trace.reuse_fraction
+    blocks = block_seconds(model, plain, device)
+    plain_once = plain()
+    block_share = min(1.0, blocks / plain_once)
+
+    memory = {
+        "uncached": peak_memory(plain, device),
+        "bwcache_forced": peak_memory(with_cache(forced), device),
+        "full_trace": peak_memory(with_cache(full_trace), device),
+    }
+    t_plain, t_traced, t_cached = (statistics.median(v) for v in (uncached, traced, cached))
+    ideal = 1.0 / (1.0 - reuse * block_share)
+    results = {
+        "device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu",
+        "config": "tiny" if args.tiny else "Wan2.1-T2V-1.3B",
+        "dtype": str(dtype),
+        "video": f"{args.frames} frames at {args.width}x{args.height}",
+        "latent_shape": list(shape),
+        "tokens": tokens,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "uncached_seconds_per_step": t_plain / args.steps,
+        "bwcache_seconds_per_step": t_cached / args.steps,
+        "speedup": t_plain / t_cached,
+        "reuse_fraction": reuse,
+        "block_share_of_step": block_share,
+        "ideal_speedup": ideal,
+        "achieved_over_ideal": (t_plain / t_cached) / ideal,
+        "indicator_share_of_step": t_traced / t_plain - 1.0,
+        "peak_memory_bytes": memory,
+        "extra_peak_memory_bwcache": memory["bwcache_forced"] / memory["uncached"] - 1 if memory["uncached"] else None,
+        "extra_peak_memory_full_trace": memory["full_trace"] / memory["uncached"] - 1 if memory["uncached"] else None,
+    }
+    text_out = json.dumps(results, indent=1)
+    print(text_out)
+    if args.json:
+        args.json.write_text(text_out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
