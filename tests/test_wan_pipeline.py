@@ -2,31 +2,17 @@
 
 import pytest
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
 from bwcache import BWCacheConfig, apply_bwcache, remove_bwcache
 from bwcache.blocks import find_blocks
+from tiny_wan import build_wan_pipeline
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    )
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    )
-    pipe = WanPipeline(
-        tokenizer=None, text_encoder=None, transformer=transformer.eval(), vae=vae.eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return build_wan_pipeline()
 
 
 def generate(pipe, seed=0):
