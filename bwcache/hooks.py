@@ -57,9 +57,12 @@ _DIFFUSERS_CACHE_MODULES = {
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """`mean|current − previous| / mean|previous|` as a float32 scalar tensor (no host sync)."""
-    difference = (current - previous).abs().mean(dtype=torch.float32)
-    return difference / previous.abs().mean(dtype=torch.float32).clamp_min(1e-12)
+    """`mean|current − previous| / mean|previous|` as a float32 scalar tensor (no host sync).
+
+    Norm reductions accumulate in float32 without materialising `abs()` copies: one temporary, the difference.
+    """
+    difference = torch.linalg.vector_norm(current - previous, ord=1, dtype=torch.float32)
+    return difference / torch.linalg.vector_norm(previous, ord=1, dtype=torch.float32).clamp_min(1e-12)
 
 
 def _features(hidden_states: torch.Tensor, stride: int) -> torch.Tensor:
