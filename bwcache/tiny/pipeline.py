@@ -30,13 +30,13 @@ TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
 
 TRANSFORMER_CONFIG: dict[str, Any] = {
     "patch_size": [2, 4, 4],
-    "num_attention_heads": 4,
+    "num_attention_heads": 3,
     "attention_head_dim": 32,
     "in_channels": 3,
     "out_channels": 3,
     "text_dim": 128,
     "freq_dim": 64,
-    "ffn_dim": 384,
+    "ffn_dim": 288,
     "num_layers": 10,
     "cross_attn_norm": True,
     "qk_norm": "rms_norm_across_heads",

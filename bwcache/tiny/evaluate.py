@@ -1,0 +1,115 @@
+"""Measure the shipped Tiny Shapes model: prompt adherence judged from pixels, and generation time.
+
+    python -m bwcache.tiny.evaluate            # writes assets/tiny-shapes/eval.json and refreshes the model card
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import COLOURS, DIRECTIONS, SHAPES, make_clip, make_prompt
+from .judge import judge
+from .pipeline import ASSETS_DIR, load_pipeline
+
+
+def adherence_cases(n: int, seed: int) -> list[tuple[str, int]]:
+    """n (prompt, seed) pairs: every attribute combination in turn (shuffled), each with a random seed."""
+    rng = np.random.default_rng(seed)
+    combos = [make_prompt(c, s, d) for c, s, d in itertools.product(COLOURS, SHAPES, DIRECTIONS)]
+    order = []
+    while len(order) < n:
+        order.extend(rng.permutation(len(combos)).tolist())
+    return [(combos[i], int(rng.integers(2**31))) for i in order[:n]]
+
+
+def measure_adherence(pipe, n: int = 56, seed: int = 1234, **call_kwargs) -> dict:
+    rows = []
+    for prompt, s in adherence_cases(n, seed):
+        frames = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(s), **call_kwargs).frames[0]
+        j = judge(frames, prompt)
+        rows.append({"prompt": prompt, "seed": s, "ok": j.ok, "colour": j.colour, "direction": j.direction,
+                     "colour_ok": j.colour_ok, "direction_ok": j.direction_ok})
+    ok = sum(r["ok"] for r in rows)
+    return {
+        "n": n,
+        "passed": ok,
+        "rate": ok / n,
+        "colour_rate": sum(r["colour_ok"] for r in rows) / n,
+        "direction_rate": sum(r["direction_ok"] for r in rows) / n,
+        "settings": call_kwargs,
+        "failures": [r for r in rows if not r["ok"]],
+    }
+
+
+def measure_ground_truth(n: int = 200) -> dict:
+    ok = sum(judge(c.frames, c.prompt).ok for c in (make_clip(s) for s in range(n)))
+    return {"n": n, "passed": ok, "rate": ok / n}
+
+
+def measure_speed(pipe, repeats: int = 3) -> dict:
+    gen = lambda s: torch.Generator("cpu").manual_seed(s)  # noqa: E731
+    pipe(generator=gen(0))  # warm-up
+    single = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        pipe(generator=gen(r))
+        single.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    pipe(generator=gen(0))
+    pipe(generator=gen(0))
+    pair = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pipe(generator=gen(0), guidance_scale=1.0)
+    no_cfg = time.perf_counter() - t0
+    return {
+        "threads": torch.get_num_threads(),
+        "default_generation_s": round(statistics.median(single), 3),
+        "default_generation_runs_s": [round(x, 3) for x in single],
+        "two_generations_s": round(pair, 3),
+        "no_cfg_generation_s": round(no_cfg, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--path", type=Path, default=ASSETS_DIR)
+    p.add_argument("--n", type=int, default=56)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(device="cpu", path=args.path)
+    load_s = time.perf_counter() - t0
+    pipe.set_progress_bar_config(disable=True)
+    result = {"load_s": round(load_s, 3)}
+    result["speed"] = measure_speed(pipe)
+    print(json.dumps(result, indent=1), flush=True)
+    result["ground_truth"] = measure_ground_truth()
+    print("ground truth:", result["ground_truth"], flush=True)
+    result["adherence"] = measure_adherence(pipe, args.n, args.seed)
+    a = result["adherence"]
+    print(f"adherence: {a['passed']}/{a['n']} = {a['rate']:.1%} (colour {a['colour_rate']:.1%}, "
+          f"direction {a['direction_rate']:.1%})", flush=True)
+    for f in a["failures"]:
+        print("  failed:", f, flush=True)
+    if not args.no_write:
+        (args.path / "eval.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        from .card import write_card
+
+        write_card(args.path)
+        print(f"wrote {args.path / 'eval.json'} and the model card", flush=True)
+
+
+if __name__ == "__main__":
+    main()
