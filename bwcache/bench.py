@@ -66,13 +66,13 @@ class Method:
 
 def default_methods() -> list[Method]:
     methods = []
-    for delta in (0.05, 0.1, 0.15, 0.2, 0.3):
+    for delta in (0.02, 0.03, 0.05, 0.1, 0.15):
         methods.append(Method(f"bw-paper-{delta:g}", f"BWCache paper δ={delta:g}", "bwcache", {"threshold": delta}))
     for r in (2, 4):
         methods.append(
             Method(f"bw-paper-0.15-r{r}", f"BWCache paper δ=0.15 R={r}", "bwcache", {"threshold": 0.15, "reuse_interval": r})
         )
-    for delta in (0.1, 0.2):
+    for delta in (0.05, 0.1, 0.2):
         methods.append(
             Method(f"bw-block-{delta:g}", f"BWCache block-wise δ={delta:g}", "bwcache", {"threshold": delta, "mode": "blockwise"})
         )
