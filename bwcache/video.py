@@ -161,6 +161,8 @@ def write_mp4(
         for frame in u8:
             writer.send(np.ascontiguousarray(frame))
         writer.close()
+        # The temporary file is private (mkstemp); the video should be readable like any file the user saves.
+        tmp.chmod(0o644)
         if overwrite:
             os.replace(tmp, target)
         else:
