@@ -27,7 +27,7 @@ from .hooks import apply_bwcache, remove_bwcache
 from .memory import parameter_bytes, peak_tensor_bytes
 from .metrics import compare_videos
 from .pipelines import default_device, device_name, get_pipeline
-from .runner import _BlockTimer, check_prompt, generate, resolve_config, resolve_preset, resolve_settings
+from .runner import AUTO, _BlockTimer, check_prompt, generate, resolve_config, resolve_preset, resolve_settings
 
 # Overheads are measured on the first few prompts only: they vary little between prompts.
 OVERHEAD_PROMPTS = 3
@@ -54,6 +54,7 @@ class Method:
     label: str
     kind: str  # "bwcache" or a peer key
     params: dict = field(default_factory=dict)
+    family: str | None = None  # the plot's group; derived from kind and mode when None
 
     def enable(self, pipe, preset, settings, calibration):
         if self.kind == "bwcache":
@@ -65,17 +66,26 @@ class Method:
 
 
 def default_methods() -> list[Method]:
-    methods = []
+    # The preset's own default config first: the row the targets are read from.
+    methods = [Method("bw-default", "BWCache preset default", "bwcache", {}, family="BWCache preset default")]
+    # Paper rows pin the published method (mode and R = 10% of the steps), whatever the preset's default is.
+    paper = {"mode": "paper", "reuse_interval": AUTO}
     for delta in (0.02, 0.03, 0.05, 0.1, 0.15):
-        methods.append(Method(f"bw-paper-{delta:g}", f"BWCache paper δ={delta:g}", "bwcache", {"threshold": delta}))
-    for r in (2, 4):
+        methods.append(Method(f"bw-paper-{delta:g}", f"BWCache paper δ={delta:g}", "bwcache", {**paper, "threshold": delta}))
+    for r in (1, 2):
         methods.append(
-            Method(f"bw-paper-0.15-r{r}", f"BWCache paper δ=0.15 R={r}", "bwcache", {"threshold": 0.15, "reuse_interval": r})
+            Method(f"bw-paper-0.15-r{r}", f"BWCache paper δ=0.15 R={r}", "bwcache",
+                   {**paper, "threshold": 0.15, "reuse_interval": r})
         )
-    for delta in (0.05, 0.1, 0.2):
+    # Block-wise rows keep the preset's other settings (R, warm-up and tail steps) and vary δ.
+    for delta in (0.1, 0.2, 0.3):
         methods.append(
             Method(f"bw-block-{delta:g}", f"BWCache block-wise δ={delta:g}", "bwcache", {"threshold": delta, "mode": "blockwise"})
         )
+    methods.append(
+        Method("bw-block-0.2-w2", "BWCache block-wise δ=0.2, 2 warm-up steps", "bwcache",
+               {"threshold": 0.2, "mode": "blockwise", "warmup_steps": 2})
+    )
     for t in (0.05, 0.1, 0.2):
         methods.append(Method(f"fbc-{t:g}", f"FirstBlockCache {t:g}", "fbc", {"threshold": t}))
     for t in (0.06, 0.12):
@@ -270,6 +280,8 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
 
 
 def _family(method: Method) -> str:
+    if method.family:
+        return method.family
     if method.kind == "bwcache":
         return "BWCache block-wise" if method.params.get("mode") == "blockwise" else "BWCache paper"
     return peers.METHODS[method.kind]

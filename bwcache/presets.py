@@ -13,7 +13,8 @@ Schema (every key required; ``hub_id``, ``pipeline_class`` and
     bwcache:  threshold, reuse_interval, tail_fraction, mode, indicator_blocks
               (indicator_blocks: null = all blocks, "every_other" = blocks 0, 2, 4, ...
                as the paper's ~50% subset for memory-heavy models, or a list of indices;
-               the cache library resolves it)
+               the cache library resolves it); optionally the block-wise guards
+              warmup_steps, tail_steps, accumulate_distance and indicator_token_stride
     recommended_gpu_memory_gb, notes
 
 Loading checks the schema and that the preset's own defaults pass its limits.
@@ -29,6 +30,8 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from .config import BWCacheConfig
 
 __all__ = [
     "PRESETS_DIR",
@@ -55,6 +58,7 @@ _DEFAULT_KEYS = (
 )
 _LIMIT_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "prompt_max_chars")
 _BWCACHE_KEYS = ("threshold", "reuse_interval", "tail_fraction", "mode", "indicator_blocks")
+_BWCACHE_OPTIONAL_KEYS = ("warmup_steps", "tail_steps", "accumulate_distance", "indicator_token_stride")
 
 _RULE_RE = re.compile(r"^\s*(\d+)\s*k\s*(?:\+\s*(\d+))?\s*$")
 
@@ -308,6 +312,13 @@ def _check_schema(data: Any, source: str) -> None:
     ib = b["indicator_blocks"]
     if not (ib is None or ib in ("all", "every_other") or (isinstance(ib, list) and ib and all(_is_int(i) for i in ib))):
         fail("bwcache.indicator_blocks must be null, 'all', 'every_other' or a non-empty list of block indices")
+    unknown = sorted(set(b) - set(_BWCACHE_KEYS) - set(_BWCACHE_OPTIONAL_KEYS))
+    if unknown:
+        fail(f"unknown bwcache key(s) {unknown}; allowed: {list(_BWCACHE_KEYS + _BWCACHE_OPTIONAL_KEYS)}")
+    try:
+        BWCacheConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in b.items()})
+    except ValueError as exc:
+        fail(f"bwcache: {exc}")
 
 
 def _read(path: Path) -> Preset:

@@ -164,6 +164,28 @@ def test_loading_reports_missing_keys_with_file_and_key(tmp_path):
         load_preset(bad)
 
 
+def test_bwcache_section_takes_the_block_wise_guards_and_names_bad_ones(tmp_path):
+    data = valid_dict()
+    data["bwcache"].update(mode="blockwise", warmup_steps=6, tail_steps=2, accumulate_distance=False)
+    p = tmp_path / "guards.json"
+    p.write_text(json.dumps(data))
+    assert load_preset(p).bwcache["warmup_steps"] == 6
+    data["bwcache"]["warmup_steps"] = -1
+    p.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"guards\.json.*warmup_steps must be an integer ≥ 0, got -1"):
+        load_preset(p)
+    data["bwcache"]["warmup_steps"] = 6
+    data["bwcache"]["warmup"] = 6
+    p.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"unknown bwcache key\(s\) \['warmup'\].*warmup_steps"):
+        load_preset(p)
+    data["bwcache"].pop("warmup")
+    data["bwcache"]["mode"] = "fast"
+    p.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"mode must be one of \('paper', 'blockwise'\)"):
+        load_preset(p)
+
+
 def test_loading_rejects_defaults_outside_limits(tmp_path):
     data = valid_dict()
     data["defaults"]["num_frames"] = 34

@@ -12,7 +12,7 @@ from bwcache.peers import METHODS, applicability, model_identifiers
 from bwcache.pipelines import PipelineUnavailable, call_kwargs, load_pipeline
 from bwcache.presets import load_preset
 from bwcache.report import save_comparison, summary_markdown, summary_text
-from bwcache.runner import run_comparison, run_sweep, tuning_curve
+from bwcache.runner import resolve_config, run_comparison, run_sweep, tuning_curve
 from bwcache.video import probe_video
 from tiny_wan import build_prompt_wan_pipeline, small_preset
 
@@ -137,3 +137,19 @@ def test_benchmark_rows_and_cross_checks(pipe):
     assert "| FirstBlockCache 0.1 |" in markdown_table(results["rows"])
     ET.fromstring(pareto_svg(results["rows"]))
     assert results["overheads"]["peak_activation_bytes_uncached"] > 0
+
+
+def test_benchmark_paper_rows_run_the_published_method_whatever_the_preset_default():
+    preset = load_preset("tiny-shapes")
+    assert preset.bwcache["mode"] == "blockwise" and preset.bwcache["reuse_interval"] == 2
+    methods = {m.key: m for m in default_methods()}
+    assert next(iter(methods)) == "bw-default" and methods["bw-default"].params == {}
+    assert resolve_config(preset, 30, **methods["bw-default"].params) == resolve_config(preset, 30)
+    for key in ("bw-paper-0.02", "bw-paper-0.15"):
+        config = resolve_config(preset, 30, **methods[key].params)
+        assert config.mode == "paper" and config.resolved_reuse_interval(30) == 3
+    assert resolve_config(preset, 30, **methods["bw-paper-0.15-r1"].params).reuse_interval == 1
+    block = resolve_config(preset, 30, **methods["bw-block-0.3"].params)
+    assert (block.mode, block.threshold, block.reuse_interval, block.warmup_steps, block.tail_steps) == (
+        "blockwise", 0.3, 2, 6, 2)
+    assert resolve_config(preset, 30, **methods["bw-block-0.2-w2"].params).warmup_steps == 2
