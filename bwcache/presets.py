@@ -301,17 +301,7 @@ def _check_schema(data: Any, source: str) -> None:
         fail("limits.prompt_max_chars must be an integer >= 1")
 
     b = data["bwcache"]
-    if not _is_number(b["threshold"]) or b["threshold"] < 0:
-        fail("bwcache.threshold must be a number >= 0")
-    if b["reuse_interval"] is not None and (not _is_int(b["reuse_interval"]) or b["reuse_interval"] < 1):
-        fail("bwcache.reuse_interval must be an integer >= 1 or null")
-    if not _is_number(b["tail_fraction"]) or not 0 <= b["tail_fraction"] <= 1:
-        fail("bwcache.tail_fraction must be a number from 0 to 1")
-    if not isinstance(b["mode"], str):
-        fail("bwcache.mode must be a string")
-    ib = b["indicator_blocks"]
-    if not (ib is None or ib in ("all", "every_other") or (isinstance(ib, list) and ib and all(_is_int(i) for i in ib))):
-        fail("bwcache.indicator_blocks must be null, 'all', 'every_other' or a non-empty list of block indices")
+    # The cache library validates its own settings (names, allowed ranges); presets only add the known keys.
     unknown = sorted(set(b) - set(_BWCACHE_KEYS) - set(_BWCACHE_OPTIONAL_KEYS))
     if unknown:
         fail(f"unknown bwcache key(s) {unknown}; allowed: {list(_BWCACHE_KEYS + _BWCACHE_OPTIONAL_KEYS)}")
