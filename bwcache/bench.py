@@ -78,13 +78,18 @@ def default_methods() -> list[Method]:
                    {**paper, "threshold": 0.15, "reuse_interval": r})
         )
     # Block-wise rows keep the preset's other settings (R, warm-up and tail steps) and vary δ.
-    for delta in (0.1, 0.2, 0.3):
+    for delta in (0.1, 0.2, 0.3, 0.4):
         methods.append(
             Method(f"bw-block-{delta:g}", f"BWCache block-wise δ={delta:g}", "bwcache", {"threshold": delta, "mode": "blockwise"})
         )
+    for r in (1, 3):
+        methods.append(
+            Method(f"bw-block-0.3-r{r}", f"BWCache block-wise δ=0.3 R={r}", "bwcache",
+                   {"threshold": 0.3, "mode": "blockwise", "reuse_interval": r})
+        )
     methods.append(
-        Method("bw-block-0.2-w2", "BWCache block-wise δ=0.2, 2 warm-up steps", "bwcache",
-               {"threshold": 0.2, "mode": "blockwise", "warmup_steps": 2})
+        Method("bw-block-0.3-w2", "BWCache block-wise δ=0.3, 2 warm-up steps", "bwcache",
+               {"threshold": 0.3, "mode": "blockwise", "warmup_steps": 2})
     )
     for t in (0.05, 0.1, 0.2):
         methods.append(Method(f"fbc-{t:g}", f"FirstBlockCache {t:g}", "fbc", {"threshold": t}))
@@ -351,13 +356,26 @@ def memory_overhead(pipe, preset, settings, device) -> dict:
         traced = peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
     finally:
         remove_bwcache(pipe.transformer)
+    # Paper mode forced to trigger at step 1: its features until the trigger, then one residual per branch.
+    paper_config = BWCacheConfig(
+        mode="paper", threshold=1e9, num_inference_steps=settings["num_inference_steps"],
+        indicator_token_stride=config.indicator_token_stride,
+    )
+    apply_bwcache(pipe.transformer, paper_config)
+    try:
+        paper = peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
+    finally:
+        remove_bwcache(pipe.transformer)
     return {
         "weights_bytes": weights,
         "peak_activation_bytes_uncached": plain,
         "peak_activation_bytes_bwcache": cached,
         "peak_activation_bytes_full_trace": traced,
+        "peak_activation_bytes_paper": paper,
+        "indicator_token_stride": config.indicator_token_stride,
         "extra_peak_over_total": (cached - plain) / (plain + weights),
         "extra_peak_full_trace_over_total": (traced - plain) / (plain + weights),
+        "extra_peak_paper_over_total": (paper - plain) / (plain + weights),
     }
 
 
@@ -456,5 +474,11 @@ Overheads (BWCache, this machine):
 - DiT blocks' share of generation time: {o['block_share_of_time']:.1%};
 - achieved speedup ÷ ideal speedup implied by the skipped block share (preset default config): {'n/a' if o['achieved_over_ideal'] is None else f"{o['achieved_over_ideal']:.3f}"};
 - extra peak tensor memory over the uncached run (weights + activations): {o['extra_peak_over_total']:+.2%} with the default config,
-  {o['extra_peak_full_trace_over_total']:+.2%} when every block's features are kept for the full distance map.
+  {o['extra_peak_full_trace_over_total']:+.2%} when every block's features are kept for the full distance map,
+  {_paper_memory(o)} in paper mode (triggered at step 1, the same token stride).
 """
+
+
+def _paper_memory(o: dict) -> str:
+    value = o.get("extra_peak_paper_over_total")
+    return "n/a" if value is None else f"{value:+.2%}"

@@ -4,7 +4,7 @@ Each peer is enabled through `transformer.enable_cache(config)` and removed with
 diffusers user would. "Properly" means: MagCache gets ratios from its own calibration run on the same prompt and step
 count; TaylorSeer gets identifiers that match the model's actual attention and feed-forward modules (its defaults
 miss Wan's `attn1`/`attn2`); SeaCache gets the step index, sigma and step count it needs from the pipeline's cache
-context; PAB is refused where its single per-layer counter would mix the cond and uncond passes of a pipeline that
+context, and is shown the noisy latents where conditioning channels follow them; PAB is refused where its single per-layer counter would mix the cond and uncond passes of a pipeline that
 runs CFG as two separate calls.
 """
 
@@ -141,8 +141,29 @@ def build_config(method: str, pipe, settings: dict, params: dict | None = None, 
     if method == "taylorseer":
         return TaylorSeerCacheConfig(cache_identifiers=model_identifiers(pipe.transformer), **params)
     if method == "seacache":
+        callback = _noisy_latents_callback(pipe.transformer)
+        if callback is not None and "raw_vision_callback" not in params:
+            params["raw_vision_callback"] = callback
         return SeaCacheConfig(**params)
     return PyramidAttentionBroadcastConfig(**params)
+
+
+def _noisy_latents_callback(transformer):
+    """SeaCache's filter reads the noisy latents. It finds them itself on a Wan text-to-video model; where conditioning
+    channels are concatenated after them (in_channels > out_channels, as Wan's image-to-video model does), it needs
+    to be told that they are the first out_channels channels of `hidden_states`."""
+    config = getattr(transformer, "config", None)
+    in_channels, out_channels = getattr(config, "in_channels", None), getattr(config, "out_channels", None)
+    if not (isinstance(in_channels, int) and isinstance(out_channels, int) and in_channels > out_channels):
+        return None
+
+    def noisy_latents(module, args, kwargs):
+        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 5:
+            return None
+        return list(hidden_states[:, :out_channels].unbind(dim=0))
+
+    return noisy_latents
 
 
 def enable_peer(method: str, pipe, settings: dict, params: dict | None = None, mag_ratios=None) -> PeerRun:

@@ -26,13 +26,14 @@ from bwcache.runner import run_comparison  # noqa: E402
 OUT_DIR = ROOT / "assets" / "examples"
 PRESET = "tiny-shapes"
 
-# Name -> request: the preset's default (block-wise δ=0.2), the paper's method at its own defaults, and block-wise
-# mode at a higher δ (more reuse, less fidelity).
+# Name -> request: the preset's default (block-wise δ=0.3, R=2), the paper's method at its own defaults, and
+# block-wise mode with a longer reuse run (R=3: more reuse, less fidelity).
 EXAMPLES = {
     "red-square-right": {"prompt": "a red square moving right", "seed": 0},
     "blue-circle-up": {"prompt": "a blue circle moving up", "threshold": 0.15, "seed": 1, "mode": "paper",
                        "reuse_interval": "auto"},
-    "yellow-square-left": {"prompt": "a yellow square moving left", "threshold": 0.3, "seed": 2, "mode": "blockwise"},
+    "yellow-square-left": {"prompt": "a yellow square moving left", "threshold": 0.3, "seed": 2, "mode": "blockwise",
+                           "reuse_interval": 3},
 }
 
 

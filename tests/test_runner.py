@@ -149,7 +149,40 @@ def test_benchmark_paper_rows_run_the_published_method_whatever_the_preset_defau
         config = resolve_config(preset, 30, **methods[key].params)
         assert config.mode == "paper" and config.resolved_reuse_interval(30) == 3
     assert resolve_config(preset, 30, **methods["bw-paper-0.15-r1"].params).reuse_interval == 1
-    block = resolve_config(preset, 30, **methods["bw-block-0.3"].params)
+    block = resolve_config(preset, 30, **methods["bw-block-0.2"].params)
     assert (block.mode, block.threshold, block.reuse_interval, block.warmup_steps, block.tail_steps) == (
-        "blockwise", 0.3, 2, 6, 2)
-    assert resolve_config(preset, 30, **methods["bw-block-0.2-w2"].params).warmup_steps == 2
+        "blockwise", 0.2, 2, 6, 2)
+    assert block.indicator_token_stride == preset.bwcache["indicator_token_stride"]
+    assert resolve_config(preset, 30, **methods["bw-block-0.3-w2"].params).warmup_steps == 2
+    assert resolve_config(preset, 30, **methods["bw-block-0.3-r3"].params).reuse_interval == 3
+
+
+def test_seacache_caches_on_the_embedded_model_whose_input_adds_position_channels():
+    # Tiny Shapes concatenates position channels after the noisy video (in_channels 6, out_channels 3); SeaCache must
+    # still be shown the noisy video, or it silently runs every block.
+    from bwcache.bench import LinearFlopProbe
+    from bwcache.peers import enable_peer
+    from bwcache.runner import generate, resolve_preset, resolve_settings
+    from bwcache.tiny import load_pipeline as load_tiny
+
+    tiny = load_tiny(device="cpu")
+    tiny.set_progress_bar_config(disable=True)
+    assert tiny.transformer.config.in_channels > tiny.transformer.config.out_channels
+    preset = resolve_preset("tiny-shapes")
+    settings = resolve_settings(preset, num_frames=8, height=24, width=24, num_inference_steps=8)
+
+    def flops():
+        probe = LinearFlopProbe(tiny.transformer)
+        try:
+            generate(tiny, preset, settings, "cpu")
+        finally:
+            probe.remove()
+        return probe.flops
+
+    plain = flops()
+    peer = enable_peer("seacache", tiny, settings, params={"threshold": 10.0})
+    try:
+        cached = flops()
+    finally:
+        peer.remove()
+    assert cached < plain

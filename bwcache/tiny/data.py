@@ -28,9 +28,14 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
     "down": (0, 1),
 }
 
-# Object size and travel are fractions of the frame so that clips look alike at every resolution.
-HALF_SIZE_RANGE = (0.09, 0.15)  # half the side (square) or the radius (circle), relative to min(H, W)
-TRAVEL_RANGE = (0.30, 0.55)  # distance covered over the clip, relative to the frame extent along the motion
+# Object size and path are fractions of the frame so that clips look alike at every resolution. Every path starts
+# on the side the object moves away from and crosses the middle of the frame, so the prompt's direction decides
+# where the object is in each frame, not only how it moves: that is what a denoiser can learn from the prompt
+# while the noise still hides the object.
+HALF_SIZE_RANGE = (0.14, 0.22)  # half the side (square) or the radius (circle), relative to min(H, W)
+START_RANGE = (0.12, 0.30)  # centre at frame 0, from the edge the object moves away from, relative to that extent
+TRAVEL_RANGE = (0.45, 0.60)  # distance covered over the clip, relative to the frame extent along the motion
+ACROSS_RANGE = (0.30, 0.70)  # centre position across the motion, relative to that extent
 
 
 def make_prompt(colour: str, shape: str, direction: str) -> str:
@@ -77,7 +82,7 @@ def sample_spec(
     colour: str | None = None,
     direction: str | None = None,
 ) -> ClipSpec:
-    """Draw random attributes; the trajectory is chosen so the object's centre stays inside the frame."""
+    """Draw random attributes; the object's centre stays inside the frame (START + TRAVEL ends by 0.9 of it)."""
     shape = shape if shape is not None else SHAPES[rng.integers(len(SHAPES))]
     colour = colour if colour is not None else list(COLOURS)[rng.integers(len(COLOURS))]
     direction = direction if direction is not None else list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
@@ -90,10 +95,8 @@ def sample_spec(
     across = height if dx else width
     travel = float(rng.uniform(*TRAVEL_RANGE)) * along
     speed = travel / max(num_frames - 1, 1)
-    # Half the object may leave the frame at the ends; the centre never does.
-    margin = half * 0.5
-    start = float(rng.uniform(margin, max(margin, along - margin - travel)))
-    side = float(rng.uniform(half, across - half))
+    start = float(rng.uniform(*START_RANGE)) * along
+    side = float(rng.uniform(*ACROSS_RANGE)) * across
     if dx:
         x0 = start if dx > 0 else along - start
         y0 = side

@@ -30,14 +30,16 @@ TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
 
 TRANSFORMER_CONFIG: dict[str, Any] = {
     "patch_size": [2, 4, 4],
+    # Hidden 144 leaves room beside the 96 values of a patch (2 x 4 x 4 x 3) that the velocity must carry.
     "num_attention_heads": 3,
-    "attention_head_dim": 32,
-    "in_channels": 3,
+    "attention_head_dim": 48,
+    # RGB plus the three position channels of `with_positions`.
+    "in_channels": 6,
     "out_channels": 3,
     "text_dim": 128,
     "freq_dim": 64,
-    "ffn_dim": 288,
-    "num_layers": 10,
+    "ffn_dim": 432,
+    "num_layers": 6,
     "cross_attn_norm": True,
     "qk_norm": "rms_norm_across_heads",
     "eps": 1e-6,
@@ -70,6 +72,30 @@ LIMITS: dict[str, Any] = {
     "guidance_scale": [1.0, 10.0],
     "prompt_max_chars": 200,
 }
+
+
+def position_channels(video: torch.Tensor) -> torch.Tensor:
+    """Ramps from -1 to 1 along frames, rows and columns, shaped like `video` (B, C, F, H, W) with C = 3.
+
+    Wan's only position signal is RoPE, which is relative, and its patch embedding has no padding, so on its own
+    the network cannot tell where in the frame a patch sits. These fixed channels, concatenated to the noisy video
+    as extra input channels (the way Wan's image-to-video model takes its conditioning), tell it.
+    """
+    b, _, f, h, w = video.shape
+    axes = [torch.linspace(-1.0, 1.0, n, device=video.device, dtype=video.dtype) if n > 1
+            else torch.zeros(1, device=video.device, dtype=video.dtype) for n in (f, h, w)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (3, F, H, W)
+    return grid.unsqueeze(0).expand(b, -1, -1, -1, -1)
+
+
+def with_positions(video: torch.Tensor, transformer: WanTransformer3DModel) -> torch.Tensor:
+    """The transformer's input: `video` plus position channels when its config takes them."""
+    extra = transformer.config.in_channels - transformer.config.out_channels
+    if extra == 0:
+        return video
+    if extra != 3:
+        raise ValueError(f"in_channels must equal out_channels or out_channels + 3, got {transformer.config}")
+    return torch.cat([video, position_channels(video)], dim=1)
 
 
 def build_transformer(config: dict[str, Any] | None = None) -> WanTransformer3DModel:
@@ -206,7 +232,7 @@ class TinyShapesPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
 
-        shape = (batch_size, self.transformer.config.in_channels, num_frames, height, width)
+        shape = (batch_size, self.transformer.config.out_channels, num_frames, height, width)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         else:
@@ -219,7 +245,7 @@ class TinyShapesPipeline(DiffusionPipeline):
 
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
-                latent_model_input = latents.to(transformer_dtype)
+                latent_model_input = with_positions(latents.to(transformer_dtype), self.transformer)
                 timestep = t.expand(latents.shape[0])
                 cache_context_kwargs = {
                     "step_index": i,
