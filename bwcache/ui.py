@@ -497,7 +497,9 @@ def _close(a: Any, b: Any) -> bool:
 def example_label(record: Mapping[str, Any]) -> str:
     config = record["config"]
     mode = "" if config["mode"] == "paper" else f" · {config['mode']}"
-    return f"{record['prompt']} · δ {config['threshold']:g}{mode}"
+    interval = config.get("reuse_interval")
+    reuse = f" · R {interval}" if interval is not None else ""
+    return f"{record['prompt']} · δ {config['threshold']:g}{reuse}{mode}"
 
 
 def example_summary(record: Mapping[str, Any], summary: str) -> str:
