@@ -4,8 +4,8 @@ Each peer is enabled through `transformer.enable_cache(config)` and removed with
 diffusers user would. "Properly" means: MagCache gets ratios from its own calibration run on the same prompt and step
 count; TaylorSeer gets identifiers that match the model's actual attention and feed-forward modules (its defaults
 miss Wan's `attn1`/`attn2`); SeaCache gets the step index, sigma and step count it needs from the pipeline's cache
-context, and is shown the noisy latents where conditioning channels follow them; PAB is refused where its single per-layer counter would mix the cond and uncond passes of a pipeline that
-runs CFG as two separate calls.
+context, and is shown the noisy latents where conditioning channels follow them; PAB is refused where its single
+per-layer counter would mix the cond and uncond passes of a pipeline that runs CFG as two separate calls.
 """
 
 from __future__ import annotations

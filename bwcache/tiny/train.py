@@ -58,8 +58,8 @@ RECIPE = {
     "phases": [
         # The schedule spans 4200 steps; the run stops at 2000, within the time budget, once the prompt's colour
         # and direction are followed.
-        {"steps": 4200, "stop_after": 2000, "lr": 8e-4, "warmup_steps": 100, "min_lr_ratio": 0.05, "sigma_logit_mean": 0.3,
-         "sigma_high_fraction": 0.5, "sigma_high_logit_mean": 3.0, "sigma_high_logit_std": 1.0},
+        {"steps": 4200, "stop_after": 2000, "lr": 8e-4, "warmup_steps": 100, "min_lr_ratio": 0.05,
+         "sigma_logit_mean": 0.3, "sigma_high_fraction": 0.5, "sigma_high_logit_mean": 3.0, "sigma_high_logit_std": 1.0},
     ],
 }
 
@@ -212,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
                 g["lr"] = lr_at(step, phase)
             ctx = text_encoder.encode(prompts)
             pred = transformer(
-                hidden_states=with_positions(xt, transformer), timestep=sigma * 1000, encoder_hidden_states=ctx, return_dict=False
+                hidden_states=with_positions(xt, transformer),
+                timestep=sigma * 1000,
+                encoder_hidden_states=ctx,
+                return_dict=False,
             )[0]
             weight = 1.0 + phase["object_weight"] * ((x0.amax(dim=1, keepdim=True) + 1) / 2)
             loss = (weight * (pred - target) ** 2).mean() / weight.mean()
