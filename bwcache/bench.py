@@ -344,28 +344,24 @@ def overheads_for_prompt(pipe, preset, settings, device, overheads):
 def memory_overhead(pipe, preset, settings, device) -> dict:
     """Peak tensor memory of one generation, uncached and with the preset's default BWCache."""
     weights = sum(parameter_bytes(m) for m in (pipe.transformer, getattr(pipe, "text_encoder", None), getattr(pipe, "vae", None)) if isinstance(m, torch.nn.Module))
-    plain = peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
-    config = resolve_config(preset, settings["num_inference_steps"])
-    apply_bwcache(pipe.transformer, config)
-    try:
-        cached = peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
-    finally:
-        remove_bwcache(pipe.transformer)
-    apply_bwcache(pipe.transformer, BWCacheConfig(threshold=0.0, num_inference_steps=settings["num_inference_steps"]))
-    try:
-        traced = peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
-    finally:
-        remove_bwcache(pipe.transformer)
+    steps = settings["num_inference_steps"]
+
+    def peak(cache_config: BWCacheConfig | None) -> int:
+        if cache_config is not None:
+            apply_bwcache(pipe.transformer, cache_config)
+        try:
+            return peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
+        finally:
+            if cache_config is not None:
+                remove_bwcache(pipe.transformer)
+
+    config = resolve_config(preset, steps)
+    plain = peak(None)
+    cached = peak(config)
+    traced = peak(BWCacheConfig(threshold=0.0, num_inference_steps=steps))
     # Paper mode forced to trigger at step 1: its features until the trigger, then one residual per branch.
-    paper_config = BWCacheConfig(
-        mode="paper", threshold=1e9, num_inference_steps=settings["num_inference_steps"],
-        indicator_token_stride=config.indicator_token_stride,
-    )
-    apply_bwcache(pipe.transformer, paper_config)
-    try:
-        paper = peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
-    finally:
-        remove_bwcache(pipe.transformer)
+    paper = peak(BWCacheConfig(mode="paper", threshold=1e9, num_inference_steps=steps,
+                               indicator_token_stride=config.indicator_token_stride))
     return {
         "weights_bytes": weights,
         "peak_activation_bytes_uncached": plain,

@@ -160,7 +160,7 @@ def test_benchmark_paper_rows_run_the_published_method_whatever_the_preset_defau
 def test_seacache_caches_on_the_embedded_model_whose_input_adds_position_channels():
     # Tiny Shapes concatenates position channels after the noisy video (in_channels 6, out_channels 3); SeaCache must
     # still be shown the noisy video, or it silently runs every block.
-    from bwcache.bench import LinearFlopProbe
+    from bwcache.bench import _probe_flops
     from bwcache.peers import enable_peer
     from bwcache.runner import generate, resolve_preset, resolve_settings
     from bwcache.tiny import load_pipeline as load_tiny
@@ -171,18 +171,13 @@ def test_seacache_caches_on_the_embedded_model_whose_input_adds_position_channel
     preset = resolve_preset("tiny-shapes")
     settings = resolve_settings(preset, num_frames=8, height=24, width=24, num_inference_steps=8)
 
-    def flops():
-        probe = LinearFlopProbe(tiny.transformer)
-        try:
-            generate(tiny, preset, settings, "cpu")
-        finally:
-            probe.remove()
-        return probe.flops
+    def run():
+        generate(tiny, preset, settings, "cpu")
 
-    plain = flops()
+    plain = _probe_flops(tiny, run)
     peer = enable_peer("seacache", tiny, settings, params={"threshold": 10.0})
     try:
-        cached = flops()
+        cached = _probe_flops(tiny, run)
     finally:
         peer.remove()
     assert cached < plain

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -344,7 +345,7 @@ def test_training_script_writes_a_loadable_model(tmp_path, no_network):
     train(["--steps", "2", "--out", str(out), "--threads", "1", "--log-every", "1", "--batch-size", "2"])
     for name in ("config.json", "transformer.safetensors", "text_encoder.safetensors", "training.json", "README.md"):
         assert (out / name).is_file(), name
-    log = __import__("json").loads((out / "training.json").read_text())["log"]
+    log = json.loads((out / "training.json").read_text())["log"]
     assert [e["step"] for e in log] == [1, 2] and all(np.isfinite(e["loss"]) for e in log)
     pipe = load_pipeline(device="cpu", path=out)
     pipe.set_progress_bar_config(disable=True)
