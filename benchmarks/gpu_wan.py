@@ -5,9 +5,12 @@
 
 The denoising loop calls the transformer the way WanPipeline does (cond and uncond passes, each inside
 `cache_context(..., step_index, num_inference_steps)`), with random latents and text embeddings. Weights are random:
-speed and memory do not depend on them. Reported: uncached and cached seconds per step, the indicator's cost as a
-share of step time (distances of every block at every step: the worst case), the DiT blocks' share of step time, the
-achieved speedup over the ideal one implied by the skipped block share, and the extra peak memory over the uncached run.
+speed and memory do not depend on them. Reported: uncached and cached seconds per step (medians over repeats); the
+DiT blocks' share of step time; the cache's own work (its hooks, timed inside one run) as a share of step time, at
+threshold 0 (the indicator on every block at every step) and with the forced schedule; achieved ÷ ideal speedup,
+wall-clock and by that accounting; and the extra peak memory over the uncached run (weights + activations) for paper
+mode as the Wan preset runs it (every block, every token), a lean paper mode (every other block, every 8th token,
+as `--lean-*` sets) and block-wise mode.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bwcache import BWCacheConfig, apply_bwcache, remove_bwcache  # noqa: E402
+from bwcache.bench import cache_work_share  # noqa: E402
+from bwcache.memory import parameter_bytes, peak_tensor_bytes  # noqa: E402
+from bwcache.runner import block_timer  # noqa: E402
 
 WAN_1_3B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -61,38 +67,6 @@ def denoise(model, latents, text, negative, steps, device):
     return time.perf_counter() - start
 
 
-def peak_memory(run, device) -> int:
-    if torch.device(device).type != "cuda":
-        return 0
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    return torch.cuda.max_memory_allocated()
-
-
-def block_seconds(model, run, device) -> float:
-    """Time inside the DiT blocks during `run` (synchronised), for the blocks' share of step time."""
-    total = [0.0]
-    starts = []
-
-    def enter(module, args):
-        sync(device)
-        starts.append(time.perf_counter())
-
-    def leave(module, args, output):
-        sync(device)
-        total[0] += time.perf_counter() - starts.pop()
-
-    handles = [h for b in model.blocks for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return total[0]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -103,6 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reuse-interval", type=int, default=3, help="R of the forced schedule (trigger at step 1)")
+    parser.add_argument("--lean-token-stride", type=int, default=8, help="token stride of the lean paper-mode row")
+    parser.add_argument("--lean-indicator-blocks", default="every_other", help="indicator blocks of the lean row")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.tiny:
@@ -138,26 +114,33 @@ def main(argv=None) -> int:
 
     full_trace = BWCacheConfig(threshold=0.0)
     forced = BWCacheConfig(threshold=1e9, reuse_interval=args.reuse_interval)
+    lean = BWCacheConfig(threshold=1e9, reuse_interval=args.reuse_interval, indicator_token_stride=args.lean_token_stride,
+                         indicator_blocks=args.lean_indicator_blocks)
+    blockwise = BWCacheConfig(threshold=1e9, reuse_interval=args.reuse_interval, mode="blockwise", warmup_steps=1)
 
     plain()  # warm-up
-    uncached, traced, cached = [], [], []
+    uncached, cached = [], []
     reuse = None
     for _ in range(args.repeats):
         uncached.append(plain())
-        traced.append(with_cache(full_trace)()[0])
         seconds, handle = with_cache(forced)()
         cached.append(seconds)
         reuse = handle.trace.reuse_fraction
-    blocks = block_seconds(model, plain, device)
-    plain_once = plain()
-    block_share = min(1.0, blocks / plain_once)
+    timer = block_timer(model, device)
+    try:
+        plain_once = plain()
+    finally:
+        timer.remove()
+    block_share = min(1.0, timer.seconds / plain_once)
+    indicator = cache_work_share(model, plain, full_trace, device)
+    cache_work = cache_work_share(model, plain, forced, device)
 
-    memory = {
-        "uncached": peak_memory(plain, device),
-        "bwcache_forced": peak_memory(with_cache(forced), device),
-        "full_trace": peak_memory(with_cache(full_trace), device),
-    }
-    t_plain, t_traced, t_cached = (statistics.median(v) for v in (uncached, traced, cached))
+    weights = parameter_bytes(model)
+    peaks = {"uncached": peak_tensor_bytes(plain, device)}
+    for name, cache_config in (("paper", forced), ("paper_lean", lean), ("blockwise", blockwise),
+                               ("full_trace", full_trace)):
+        peaks[name] = peak_tensor_bytes(with_cache(cache_config), device)
+    t_plain, t_cached = statistics.median(uncached), statistics.median(cached)
     ideal = 1.0 / (1.0 - reuse * block_share)
     results = {
         "device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu",
@@ -175,10 +158,15 @@ def main(argv=None) -> int:
         "block_share_of_step": block_share,
         "ideal_speedup": ideal,
         "achieved_over_ideal": (t_plain / t_cached) / ideal,
-        "indicator_share_of_step": t_traced / t_plain - 1.0,
-        "peak_memory_bytes": memory,
-        "extra_peak_memory_bwcache": memory["bwcache_forced"] / memory["uncached"] - 1 if memory["uncached"] else None,
-        "extra_peak_memory_full_trace": memory["full_trace"] / memory["uncached"] - 1 if memory["uncached"] else None,
+        "achieved_over_ideal_by_accounting": 1.0 - cache_work,
+        "indicator_share_of_step": indicator,
+        "cache_work_share_of_step": cache_work,
+        "weights_bytes": weights,
+        "peak_activation_bytes": peaks,
+        "extra_peak_memory_over_total": {
+            name: (peak - peaks["uncached"]) / (peaks["uncached"] + weights) for name, peak in peaks.items() if name != "uncached"
+        },
+        "lean": {"indicator_token_stride": args.lean_token_stride, "indicator_blocks": args.lean_indicator_blocks},
     }
     text_out = json.dumps(results, indent=1)
     print(text_out)

@@ -19,8 +19,14 @@ Block-wise mode (an extension: the decision is made per block and per step):
       * block i has reused fewer than R consecutive steps;
       * d < δ, where d is the relative-L1 distance between block i's input now and its input at the step r_i was
         computed (or, with `accumulate_distance`, the sum of step-to-step distances of its input since then).
-    Otherwise the block runs, and r_i and its reference input are refreshed. Each block keeps its own residual and
-    reference input, so this mode needs more memory than paper mode.
+    Otherwise the block runs; r_i and its reference input are refreshed if the next step lies in the reuse window,
+    and dropped if not. The distance is computed only when the other conditions hold, so the warm-up, the tail and a
+    block's forced recompute after R reuses cost no indicator work; at δ = 0 nothing is reused and every distance is
+    measured (the full distance map). Each block keeps its own residual and reference input, so this mode needs
+    more memory than paper mode.
+
+Memory: a chain's old residual is released before the chain is recomputed, so the peak holds one residual per
+chain, not two.
 
 CFG: state is kept per cache-context name (`cond`, `uncond`, … as diffusers pipelines set them); a call made with no
 context runs in one branch named `default`. The step index comes from the context's `step_index` when the pipeline
@@ -56,20 +62,30 @@ _DIFFUSERS_CACHE_MODULES = {
 }
 
 
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+def relative_l1(current: torch.Tensor, previous: torch.Tensor, previous_norm: torch.Tensor | None = None) -> torch.Tensor:
     """`mean|current − previous| / mean|previous|` as a float32 scalar tensor (no host sync).
 
-    Norm reductions accumulate in float32 without materialising `abs()` copies: one temporary, the difference.
+    Sums accumulate in float32; the difference is the one temporary (its `abs` is taken in place).
+    `previous_norm` (`l1_norm(previous)`) saves the second reduction when one reference is compared several times.
     """
-    difference = torch.linalg.vector_norm(current - previous, ord=1, dtype=torch.float32)
-    return difference / torch.linalg.vector_norm(previous, ord=1, dtype=torch.float32).clamp_min(1e-12)
+    difference = (current - previous).abs_().sum(dtype=torch.float32)
+    return difference / (l1_norm(previous) if previous_norm is None else previous_norm)
 
 
-def _features(hidden_states: torch.Tensor, stride: int) -> torch.Tensor:
+def l1_norm(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.abs().sum(dtype=torch.float32).clamp_min(1e-12)
+
+
+def _strided(hidden_states: torch.Tensor, stride: int) -> torch.Tensor:
+    """The tokens the distance is measured on (a view)."""
     if stride == 1:
         return hidden_states
-    # A copy, so the stored feature does not keep the whole activation alive.
-    return (hidden_states[:, ::stride] if hidden_states.ndim >= 3 else hidden_states[::stride]).clone()
+    return hidden_states[:, ::stride] if hidden_states.ndim >= 3 else hidden_states[::stride]
+
+
+def _stored(features: torch.Tensor, stride: int) -> torch.Tensor:
+    # A strided view is copied, so the stored feature does not keep the whole activation alive.
+    return features if stride == 1 else features.clone()
 
 
 class BWCacheState(BaseState):
@@ -86,11 +102,14 @@ class BWCacheState(BaseState):
         self.reuse_interval: int | None = None
         self.computed_step = True
         self.need_residuals = False
+        # Block-wise mode: whether this step lies between the warm-up and the tail.
+        self.reuse_window = False
         # Paper mode.
         self.trigger_step: int | None = None
         self.schedule: list[bool] | None = None
         # Per block: the feature the next distance is measured against.
         self.features: list[torch.Tensor | None] = [None] * self.num_blocks
+        self.feature_norms: list[torch.Tensor | None] = [None] * self.num_blocks
         # Per chain (keyed by its first block): cached residuals of both streams.
         self.residuals: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self.chain_heads: list[bool] = [True] * self.num_blocks
@@ -196,7 +215,13 @@ class BWCacheHook(ModelHook):
             elif not state.residuals:
                 raise RuntimeError(f"BWCache has no cached residual to reuse at step {step}.")
         else:
-            state.need_residuals = config.threshold > 0 and num_steps is not None and step + 1 < num_steps - config.tail_steps
+            # A residual (and the input it is measured against) is worth keeping only if the next step may reuse it.
+            state.reuse_window = num_steps is not None and config.warmup_steps <= step < num_steps - config.tail_steps
+            state.need_residuals = (
+                config.threshold > 0
+                and num_steps is not None
+                and config.warmup_steps <= step + 1 < num_steps - config.tail_steps
+            )
 
         if config.record_trace:
             branch = self.trace.branch(context.name)
@@ -300,11 +325,11 @@ class BWCacheHook(ModelHook):
             return _pack(spec, state.output_arity[i], hidden_states, encoder_hidden_states)
 
         if state.schedule is None and i in self.indicator_blocks:
-            features = _features(hidden_states, self.config.indicator_token_stride)
+            features = _strided(hidden_states, self.config.indicator_token_stride)
             previous = state.features[i]
             if previous is not None:
                 state.step_distances[i] = relative_l1(features, previous)
-            state.features[i] = features
+            state.features[i] = _stored(features, self.config.indicator_token_stride)
         return self._compute_block(spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states)
 
     def _blockwise_block(self, spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states):
@@ -314,41 +339,50 @@ class BWCacheHook(ModelHook):
                 spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states, keep_residual=False
             )
 
-        features = _features(hidden_states, config.indicator_token_stride)
-        previous = state.features[i]
-        distance = None
-        if previous is not None:
-            distance = relative_l1(features, previous)
+        stride = config.indicator_token_stride
+        may_reuse = (
+            state.reuse_window and i in state.residuals and state.consecutive[i] < state.reuse_interval
+        )
+        # The distance is measured only where it decides (at threshold 0, everywhere: the full distance map).
+        observe = config.threshold == 0
+        features = None
+        if state.features[i] is not None and (may_reuse or observe):
+            features = _strided(hidden_states, stride)
+            if state.feature_norms[i] is None:
+                state.feature_norms[i] = l1_norm(state.features[i])
+            distance = relative_l1(features, state.features[i], state.feature_norms[i])
             if config.accumulate_distance:
                 distance = state.accumulated[i] + distance
-        eligible = (
-            distance is not None
-            and i in state.residuals
-            and config.warmup_steps <= state.step < state.num_steps - config.tail_steps
-            and state.consecutive[i] < state.reuse_interval
-        )
-        if eligible and _below(distance, config.threshold):
-            state.step_measured[i] = distance
-            state.step_reused.add(i)
-            state.consecutive[i] += 1
-            if config.accumulate_distance:
-                state.accumulated[i] = distance
-                state.features[i] = features
-            residual_hs, residual_ehs = state.residuals[i]
-            hidden_states = hidden_states + residual_hs
-            if residual_ehs is not None:
-                encoder_hidden_states = encoder_hidden_states + residual_ehs
-            return _pack(spec, state.output_arity[i], hidden_states, encoder_hidden_states)
-
-        if distance is not None:
+            if may_reuse and _below(distance, config.threshold):
+                state.step_measured[i] = distance
+                state.step_reused.add(i)
+                state.consecutive[i] += 1
+                if config.accumulate_distance:
+                    state.accumulated[i] = distance
+                    self._keep_features(state, i, features)
+                residual_hs, residual_ehs = state.residuals[i]
+                hidden_states = hidden_states + residual_hs
+                if residual_ehs is not None:
+                    encoder_hidden_states = encoder_hidden_states + residual_ehs
+                return _pack(spec, state.output_arity[i], hidden_states, encoder_hidden_states)
             state.step_distances[i] = distance
-        state.features[i] = features
+
+        if state.need_residuals or observe:
+            self._keep_features(state, i, _strided(hidden_states, stride) if features is None else features)
+        else:
+            # No later step can reuse this block.
+            state.features[i] = state.feature_norms[i] = None
+            state.residuals.pop(i, None)
         state.consecutive[i] = 0
         state.accumulated[i] = 0.0
         # Each block is its own chain here: its residual is its own.
         state.chain_heads[i] = True
         state.last_output = None
         return self._compute_block(spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states)
+
+    def _keep_features(self, state: BWCacheState, i: int, features: torch.Tensor) -> None:
+        state.features[i] = _stored(features, self.config.indicator_token_stride)
+        state.feature_norms[i] = None
 
     def _compute_block(
         self, spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states, keep_residual=True
@@ -359,6 +393,8 @@ class BWCacheHook(ModelHook):
             chained = self.config.mode == "paper" and self._is_chained(spec, state, hidden_states, encoder_hidden_states)
             if not chained:
                 self._close_chain(state)
+                # The chain is recomputed now: its old residual is stale, and freeing it first lowers the peak.
+                state.residuals.pop(i, None)
                 state.chain_start = (i, hidden_states, encoder_hidden_states if spec.has_encoder_stream else None)
             state.chain_heads[i] = not chained
         output = forward(*args, **kwargs)
@@ -410,7 +446,6 @@ class BWCacheBlockHook(ModelHook):
         return self.root.run_block(self.spec, state, self.fn_ref.original_forward, args, kwargs)
 
 
-@torch.compiler.disable
 def _below(distance, threshold: float) -> bool:
     return float(distance) < threshold
 

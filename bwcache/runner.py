@@ -15,9 +15,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+from diffusers.hooks.hooks import HookRegistry, ModelHook
 
 from . import __name__ as _package
 from . import peers
+from .blocks import find_blocks
 from .config import BWCacheConfig
 from .hooks import apply_bwcache, remove_bwcache
 from .metrics import compare_videos
@@ -137,41 +139,67 @@ def _quality(baseline: np.ndarray, cached: np.ndarray, device: str) -> dict:
 
 def _traced_warmup(pipe, preset, settings, device, report, measure_blocks=True):
     """The threshold-0 run: warms up, records the full distance map and the share of time spent in DiT blocks."""
-    handle = apply_bwcache(pipe.transformer, BWCacheConfig(threshold=0.0, num_inference_steps=settings["num_inference_steps"]))
-    timer = _BlockTimer(handle, device) if measure_blocks else None
+    # The timer goes on first, so it sits inside BWCache's block hooks: the cache's own work is not block time.
+    timer = block_timer(pipe.transformer, device) if measure_blocks else None
     try:
-        frames, seconds = generate(pipe, preset, settings, device, report)
+        handle = apply_bwcache(pipe.transformer, BWCacheConfig(threshold=0.0, num_inference_steps=settings["num_inference_steps"]))
+        try:
+            frames, seconds = generate(pipe, preset, settings, device, report)
+        finally:
+            remove_bwcache(pipe.transformer)
     finally:
         if timer is not None:
             timer.remove()
-        remove_bwcache(pipe.transformer)
     block_share = timer.seconds / seconds if timer is not None and seconds > 0 else None
     return handle.trace.to_dict(), frames, block_share
 
 
-class _BlockTimer:
-    """Wall-clock time spent inside the DiT blocks (synchronised on GPU), for the ideal-speedup estimate."""
+class ForwardTimer:
+    """Wall-clock time spent in some modules' forward (synchronised on GPU), summed over the modules.
 
-    def __init__(self, handle, device: str):
+    Each module gets a diffusers hook. Hooks registered later (BWCache's) wrap it, so their work is not counted;
+    hooks registered earlier are. Remove hooks in the reverse order: diffusers unwinds a module's hooks from the
+    outermost.
+    """
+
+    def __init__(self, modules, device: str):
         self.seconds = 0.0
+        self.calls = 0
         self.device = device
-        self._start: list[float] = []
-        self._handles = []
-        for spec in handle._hook.blocks:
-            self._handles.append(spec.module.register_forward_pre_hook(self._enter))
-            self._handles.append(spec.module.register_forward_hook(self._exit))
+        self._name = f"bwcache_timer_{id(self)}"
+        self._modules = []
+        try:
+            for module in modules:
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(_TimedForward(self), self._name)
+                self._modules.append(module)
+        except Exception:
+            self.remove()
+            raise
 
-    def _enter(self, module, args):
-        _synchronize(self.device)
-        self._start.append(time.perf_counter())
+    def remove(self) -> None:
+        for module in self._modules:
+            module._diffusers_hook.remove_hook(self._name, recurse=False)
+        self._modules = []
 
-    def _exit(self, module, args, output):
-        _synchronize(self.device)
-        self.seconds += time.perf_counter() - self._start.pop()
 
-    def remove(self):
-        for handle in self._handles:
-            handle.remove()
+class _TimedForward(ModelHook):
+    def __init__(self, timer: ForwardTimer):
+        super().__init__()
+        self.timer = timer
+
+    def new_forward(self, module, *args, **kwargs):
+        _synchronize(self.timer.device)
+        start = time.perf_counter()
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        _synchronize(self.timer.device)
+        self.timer.seconds += time.perf_counter() - start
+        self.timer.calls += 1
+        return output
+
+
+def block_timer(transformer: torch.nn.Module, device: str) -> ForwardTimer:
+    """A timer of the DiT blocks' own forward."""
+    return ForwardTimer([spec.module for spec in find_blocks(transformer)], device)
 
 
 def ideal_speedup(reuse_fraction: float, block_share: float | None) -> float | None:

@@ -10,32 +10,35 @@ from dummy import DoublingTransformer, dyadic, run_dummy
 def reference_blockwise(values, steps, blocks, delta, reuse, warmup, tail, indicator=None, accumulate=False):
     indicator = set(range(blocks)) if indicator is None else set(indicator)
     ref, prev, res, run, acc = [None] * blocks, [None] * blocks, [None] * blocks, [0] * blocks, [0.0] * blocks
-    outputs, reused = [], []
+    outputs, reused, measured = [], [], []
     for s in range(steps):
-        v, row = values(s), []
+        v, row, seen = values(s), [], []
         for i in range(blocks):
-            d = None
-            if i in indicator:
-                base = prev[i] if accumulate else ref[i]
-                if base is not None:
-                    d = abs(v - base) / abs(base) + (acc[i] if accumulate else 0.0)
-            ok = d is not None and res[i] is not None and warmup <= s < steps - tail and run[i] < reuse
+            base = prev[i] if accumulate else ref[i]
+            ok = i in indicator and base is not None and res[i] is not None and warmup <= s < steps - tail and run[i] < reuse
+            # The distance is measured only where it can decide.
+            d = abs(v - base) / abs(base) + (acc[i] if accumulate else 0.0) if ok else None
             if ok and d < delta:
                 run[i] += 1
                 if accumulate:
                     acc[i], prev[i] = d, v
                 v = v + res[i]
                 row.append(True)
+                seen.append(False)  # a reused block's distance feeds the indicator, not the distance map
                 continue
-            if i in indicator and s + 1 < steps - tail:
+            seen.append(ok)
+            if i in indicator and warmup <= s + 1 < steps - tail:
                 res[i] = 2 * v - v
-            ref[i] = prev[i] = v
+                ref[i] = prev[i] = v
+            else:
+                res[i] = ref[i] = prev[i] = None
             run[i], acc[i] = 0, 0.0
             v = 2 * v
             row.append(False)
         outputs.append(v)
         reused.append(row)
-    return outputs, reused
+        measured.append(seen)
+    return outputs, reused, measured
 
 
 def slow(step):
@@ -67,17 +70,17 @@ def test_blockwise_matches_the_documented_rule(values, delta, reuse, warmup, tai
     )
     handle = apply_bwcache(model, config)
     outputs = run_dummy(model, steps, values=values)
-    expected, reused = reference_blockwise(values, steps, blocks, delta, reuse, warmup, tail, indicator, accumulate)
+    expected, reused, measured = reference_blockwise(
+        values, steps, blocks, delta, reuse, warmup, tail, indicator, accumulate
+    )
     branch = handle.trace.to_dict()["branches"]["cond"]
     assert branch["reused"] == reused
+    assert [[d is not None for d in row] for row in branch["distance"]] == measured
     assert any(any(row) for row in reused), "the case should exercise reuse"
     for out, value in zip(outputs, expected):
         assert out[0].unique().tolist() == [pytest.approx(value, rel=1e-6)]
     first = next(s for s, row in enumerate(reused) if any(row))
     assert branch["trigger_step"] == first
-    # Distances are recorded for computed blocks only.
-    for row_reused, row_distance in zip(branch["reused"], branch["distance"]):
-        assert all(d is None for r, d in zip(row_reused, row_distance) if r)
 
 
 def test_blockwise_threshold_zero_is_bit_identical_and_records_every_distance():

@@ -127,7 +127,9 @@ def test_call_arguments_follow_each_pipeline():
 def test_benchmark_rows_and_cross_checks(pipe):
     methods = [m for m in default_methods() if m.key in ("bw-paper-0.15", "bw-block-0.1", "fbc-0.1", "pab-2")]
     methods.append(Method("bw-forced", "BWCache forced", "bwcache", {"threshold": 10.0, "reuse_interval": 1}))
-    results = run_benchmark(small_preset(), ["a cat"], methods, repeats=1, pipe=pipe, device="cpu", progress=None)
+    results = run_benchmark(
+        small_preset(), ["a cat"], methods, repeats=1, pipe=pipe, device="cpu", progress=None, overhead_repeats=1
+    )
     rows = {r["key"]: r for r in results["rows"]}
     # The FLOP probe, applied to every method alike, agrees with BWCache's own trace: steps 2 and 4 of 6 skipped.
     assert rows["bw-forced"]["skipped"] == pytest.approx(2 / 6)
@@ -136,7 +138,10 @@ def test_benchmark_rows_and_cross_checks(pipe):
         assert rows[key]["speedup"] > 0 and 0 <= rows[key]["skipped"] < 1
     assert "| FirstBlockCache 0.1 |" in markdown_table(results["rows"])
     ET.fromstring(pareto_svg(results["rows"]))
-    assert results["overheads"]["peak_activation_bytes_uncached"] > 0
+    overheads = results["overheads"]
+    assert overheads["peak_activation_bytes_uncached"] > 0
+    assert 0 < overheads["block_share_of_time"] < 1 and overheads["repeats"] == 1
+    assert overheads["achieved_over_ideal_range"][0] <= overheads["achieved_over_ideal"]
 
 
 def test_benchmark_paper_rows_run_the_published_method_whatever_the_preset_default():
