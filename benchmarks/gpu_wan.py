@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bwcache import BWCacheConfig, apply_bwcache, remove_bwcache  # noqa: E402
-from bwcache.bench import cache_work_share  # noqa: E402
+from bwcache.bench import cache_work_shares  # noqa: E402
 from bwcache.memory import parameter_bytes, peak_tensor_bytes  # noqa: E402
 from bwcache.runner import block_timer  # noqa: E402
 
@@ -132,8 +132,7 @@ def main(argv=None) -> int:
     finally:
         timer.remove()
     block_share = min(1.0, timer.seconds / plain_once)
-    indicator = cache_work_share(model, plain, full_trace, device)
-    cache_work = cache_work_share(model, plain, forced, device)
+    indicator, cache_work = cache_work_shares(model, plain, (full_trace, forced), device)
 
     weights = parameter_bytes(model)
     peaks = {"uncached": peak_tensor_bytes(plain, device)}

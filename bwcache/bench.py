@@ -339,8 +339,9 @@ def overheads_for_prompt(pipe, preset, settings, device, overheads, repeats=OVER
     def run():
         return generate(pipe, preset, settings, device)[1]
 
-    overheads["indicator"].append(cache_work_share(pipe.transformer, run, observe, device))
-    overheads["cache_work"].append(cache_work_share(pipe.transformer, run, config, device))
+    indicator, cache_work = cache_work_shares(pipe.transformer, run, (observe, config), device)
+    overheads["indicator"].append(indicator)
+    overheads["cache_work"].append(cache_work)
 
     runs: dict[str, list] = {"plain": [], "cached": []}
     for _ in range(repeats):
@@ -357,10 +358,11 @@ def overheads_for_prompt(pipe, preset, settings, device, overheads, repeats=OVER
         overheads["ideal_ratio"].append(speedup * (1.0 - reuse * share))
 
 
-def cache_work_share(transformer, run, config: BWCacheConfig, device) -> float:
-    """BWCache's own time during `run()` (its hooks, outside the transformer's and blocks' own forward) over the
-    seconds `run()` returns, less what the two timers cost when nothing sits between them."""
-    return _hook_share(transformer, run, config, device) - _hook_share(transformer, run, None, device)
+def cache_work_shares(transformer, run, configs, device) -> list[float]:
+    """For each config: BWCache's own time during `run()` (its hooks, outside the transformer's and blocks' own
+    forward) over the seconds `run()` returns, less what the two timers cost when nothing sits between them."""
+    timers_alone = _hook_share(transformer, run, None, device)
+    return [_hook_share(transformer, run, config, device) - timers_alone for config in configs]
 
 
 def _hook_share(transformer, run, config: BWCacheConfig | None, device) -> float:
