@@ -14,6 +14,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -343,18 +344,14 @@ def overheads_for_prompt(pipe, preset, settings, device, overheads, repeats=OVER
     overheads["indicator"].append(indicator)
     overheads["cache_work"].append(cache_work)
 
-    runs: dict[str, list] = {"plain": [], "cached": []}
+    plain, cached = [], []
     for _ in range(repeats):
-        for kind, cache_config in (("plain", None), ("cached", config)):
-            handle = apply_bwcache(pipe.transformer, cache_config) if cache_config is not None else None
-            try:
-                runs[kind].append(_step_seconds(pipe, preset, settings, device))
-            finally:
-                if handle is not None:
-                    remove_bwcache(pipe.transformer)
+        plain.append(_step_seconds(pipe, preset, settings, device))
+        with _applied(pipe.transformer, config) as handle:
+            cached.append(_step_seconds(pipe, preset, settings, device))
     reuse = handle.trace.reuse_fraction
     if reuse > 0:
-        speedup = _fastest(runs["plain"]) / _fastest(runs["cached"])
+        speedup = _fastest(plain) / _fastest(cached)
         overheads["ideal_ratio"].append(speedup * (1.0 - reuse * share))
 
 
@@ -369,20 +366,28 @@ def _hook_share(transformer, run, config: BWCacheConfig | None, device) -> float
     modules = [transformer] + [spec.module for spec in find_blocks(transformer)]
     inner = ForwardTimer(modules, device)
     try:
-        if config is not None:
-            apply_bwcache(transformer, config)
-        try:
+        with _applied(transformer, config):
             outer = ForwardTimer(modules, device)
             try:
                 seconds = run()
             finally:
                 outer.remove()
-        finally:
-            if config is not None:
-                remove_bwcache(transformer)
     finally:
         inner.remove()
     return (outer.seconds - inner.seconds) / seconds
+
+
+@contextmanager
+def _applied(transformer, config: BWCacheConfig | None):
+    """BWCache with `config` on `transformer` for the block (nothing when `config` is None); yields the handle."""
+    if config is None:
+        yield None
+        return
+    handle = apply_bwcache(transformer, config)
+    try:
+        yield handle
+    finally:
+        remove_bwcache(transformer)
 
 
 def _step_seconds(pipe, preset, settings, device) -> tuple[float, list[float]]:
@@ -410,13 +415,8 @@ def memory_overhead(pipe, preset, settings, device) -> dict:
     steps = settings["num_inference_steps"]
 
     def peak(cache_config: BWCacheConfig | None) -> int:
-        if cache_config is not None:
-            apply_bwcache(pipe.transformer, cache_config)
-        try:
+        with _applied(pipe.transformer, cache_config):
             return peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
-        finally:
-            if cache_config is not None:
-                remove_bwcache(pipe.transformer)
 
     config = resolve_config(preset, steps)
     plain = peak(None)
