@@ -9,6 +9,7 @@ the share of the DiT blocks' linear-layer FLOPs that the method skipped (measure
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -194,7 +195,7 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
     pipe = pipe if pipe is not None else get_pipeline(preset, device)
     per_method: dict[str, dict[str, list]] = {m.key: {"speedup": [], "psnr": [], "ssim": [], "skipped": [], "seconds": []} for m in methods}
     skipped_reasons: dict[str, str] = {}
-    overheads = {"indicator": [], "cache_work": [], "ideal_ratio": [], "block_share": []}
+    overheads = {"indicator": [], "cache_work": [], "cache_work_other_storage": [], "ideal_ratio": [], "block_share": []}
     uncached_seconds = []
     started = time.perf_counter()
     for p, prompt in enumerate(prompts):
@@ -281,6 +282,8 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
             "indicator_share_of_step": statistics.median(overheads["indicator"]),
             "block_share_of_time": statistics.median(overheads["block_share"]),
             "cache_work_share_default": statistics.median(overheads["cache_work"]),
+            "other_storage": other_storage(resolve_config(preset, settings["num_inference_steps"])).cache_dtype,
+            "cache_work_share_other_storage": statistics.median(overheads["cache_work_other_storage"]),
             "achieved_over_ideal": statistics.median(overheads["ideal_ratio"]) if overheads["ideal_ratio"] else None,
             "achieved_over_ideal_range": [min(overheads["ideal_ratio"]), max(overheads["ideal_ratio"])]
             if overheads["ideal_ratio"] else None,
@@ -340,9 +343,12 @@ def overheads_for_prompt(pipe, preset, settings, device, overheads, repeats=OVER
     def run():
         return generate(pipe, preset, settings, device)[1]
 
-    indicator, cache_work = cache_work_shares(pipe.transformer, run, (observe, config), device)
+    indicator, cache_work, other = cache_work_shares(
+        pipe.transformer, run, (observe, config, other_storage(config)), device
+    )
     overheads["indicator"].append(indicator)
     overheads["cache_work"].append(cache_work)
+    overheads["cache_work_other_storage"].append(other)
 
     plain, cached = [], []
     for _ in range(repeats):
@@ -409,33 +415,44 @@ def _fastest(runs: list[tuple[float, list[float]]]) -> float:
     return float(per_step.sum() + rest)
 
 
+def other_storage(config: BWCacheConfig) -> BWCacheConfig:
+    """`config` with the other storage choice: bfloat16 where it keeps the model's dtype, else the model's dtype."""
+    return dataclasses.replace(config, cache_dtype="bfloat16" if config.cache_dtype is None else None)
+
+
+def _storage_text(config: BWCacheConfig) -> str:
+    return f"cached tensors in {config.cache_dtype}" if config.cache_dtype else "cached tensors in the model's dtype"
+
+
+def memory_configs(config: BWCacheConfig) -> dict[str, tuple[str, BWCacheConfig]]:
+    """The configs whose extra peak memory is reported, by key: (description, config)."""
+    # Paper mode forced to trigger at step 1: its features until the trigger, then one residual per branch.
+    paper = BWCacheConfig(mode="paper", threshold=1e9, num_inference_steps=config.num_inference_steps,
+                          indicator_token_stride=config.indicator_token_stride, cache_dtype=config.cache_dtype)
+    return {
+        "default": (f"the preset default config ({_storage_text(config)})", config),
+        "default_other_storage": (f"the preset default, {_storage_text(other_storage(config))}", other_storage(config)),
+        "full_trace": ("the preset default at threshold 0 (every distance measured, nothing reused)",
+                       dataclasses.replace(config, threshold=0.0)),
+        "paper": (f"paper mode triggered at step 1, the preset's token stride, {_storage_text(paper)}", paper),
+        "paper_other_storage": (f"paper mode as above, {_storage_text(other_storage(paper))}", other_storage(paper)),
+    }
+
+
 def memory_overhead(pipe, preset, settings, device) -> dict:
-    """Peak tensor memory of one generation, uncached and with the preset's default BWCache."""
+    """Peak tensor memory of one generation, uncached and with each of `memory_configs`."""
     weights = sum(parameter_bytes(m) for m in (pipe.transformer, getattr(pipe, "text_encoder", None), getattr(pipe, "vae", None)) if isinstance(m, torch.nn.Module))
-    steps = settings["num_inference_steps"]
 
     def peak(cache_config: BWCacheConfig | None) -> int:
         with _applied(pipe.transformer, cache_config):
             return peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
 
-    config = resolve_config(preset, steps)
     plain = peak(None)
-    cached = peak(config)
-    traced = peak(BWCacheConfig(threshold=0.0, num_inference_steps=steps))
-    # Paper mode forced to trigger at step 1: its features until the trigger, then one residual per branch.
-    paper = peak(BWCacheConfig(mode="paper", threshold=1e9, num_inference_steps=steps,
-                               indicator_token_stride=config.indicator_token_stride))
-    return {
-        "weights_bytes": weights,
-        "peak_activation_bytes_uncached": plain,
-        "peak_activation_bytes_bwcache": cached,
-        "peak_activation_bytes_full_trace": traced,
-        "peak_activation_bytes_paper": paper,
-        "indicator_token_stride": config.indicator_token_stride,
-        "extra_peak_over_total": (cached - plain) / (plain + weights),
-        "extra_peak_full_trace_over_total": (traced - plain) / (plain + weights),
-        "extra_peak_paper_over_total": (paper - plain) / (plain + weights),
-    }
+    extra = {}
+    for key, (label, config) in memory_configs(resolve_config(preset, settings["num_inference_steps"])).items():
+        cached = peak(config)
+        extra[key] = {"label": label, "bytes": cached - plain, "over_total": (cached - plain) / (plain + weights)}
+    return {"weights_bytes": weights, "peak_activation_bytes_uncached": plain, "extra_peak": extra}
 
 
 def markdown_table(rows) -> str:
@@ -532,12 +549,12 @@ Overheads (BWCache, this machine, on the first {o.get('prompts', OVERHEAD_PROMPT
 time in the hooked transformer and blocks minus their own forward, less what the timers cost alone.
 - indicator cost, distances on every block at every step (threshold 0, the preset's token stride): {o['indicator_share_of_step']:.1%} of generation time;
 - the cache's own work with the preset default config: {o['cache_work_share_default']:.1%} of the cached generation's time, so
-  achieved ÷ ideal speedup by accounting (1 − that share): {1 - o['cache_work_share_default']:.3f};
+  achieved ÷ ideal speedup by accounting (1 − that share): {1 - o['cache_work_share_default']:.3f}; with cached tensors
+  in {o['other_storage'] or "the model's dtype"} instead: {o['cache_work_share_other_storage']:.1%};
 - DiT blocks' own forward: {o['block_share_of_time']:.1%} of an uncached generation's time;
 - achieved ÷ ideal speedup, wall-clock (the per-step fastest of {o.get('repeats', OVERHEAD_REPEATS)} alternating uncached and cached runs): {_ratio(o)};
-- extra peak tensor memory over the uncached run (weights + activations): {o['extra_peak_over_total']:+.2%} with the default config,
-  {o['extra_peak_full_trace_over_total']:+.2%} when every block's features are kept for the full distance map,
-  {_paper_memory(o)} in paper mode (triggered at step 1, the same token stride).
+- extra peak tensor memory over the uncached run (its weights + activations, {_megabytes(o['weights_bytes'])} + {_megabytes(o['peak_activation_bytes_uncached'])}):
+{_memory_lines(o)}
 """
 
 
@@ -548,6 +565,11 @@ def _ratio(o: dict) -> str:
     return f"{o['achieved_over_ideal']:.3f} (median over prompts; {low:.3f}–{high:.3f})"
 
 
-def _paper_memory(o: dict) -> str:
-    value = o.get("extra_peak_paper_over_total")
-    return "n/a" if value is None else f"{value:+.2%}"
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _memory_lines(o: dict) -> str:
+    return "\n".join(
+        f"  - {m['over_total']:+.2%} ({_megabytes(m['bytes'])}) with {m['label']};" for m in o["extra_peak"].values()
+    )

@@ -26,7 +26,9 @@ Block-wise mode (an extension: the decision is made per block and per step):
     more memory than paper mode.
 
 Memory: a chain's old residual is released before the chain is recomputed, so the peak holds one residual per
-chain, not two.
+chain, not two; in paper mode no residual is kept before the trigger (the next step is computed anyway). With
+`cache_dtype`, residuals, features and the input a paper-mode chain holds while it runs are stored narrower than the
+model's dtype; reused outputs keep the model's dtype. `trace.held_bytes_peak` records the most the cache held.
 
 CFG: state is kept per cache-context name (`cond`, `uncond`, … as diffusers pipelines set them); a call made with no
 context runs in one branch named `default`. The step index comes from the context's `step_index` when the pipeline
@@ -83,9 +85,17 @@ def _strided(hidden_states: torch.Tensor, stride: int) -> torch.Tensor:
     return hidden_states[:, ::stride] if hidden_states.ndim >= 3 else hidden_states[::stride]
 
 
-def _stored(features: torch.Tensor, stride: int) -> torch.Tensor:
+def _compact(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` in the cache's storage dtype, where that is narrower than its own (else the tensor itself)."""
+    if dtype is None or not tensor.is_floating_point() or dtype.itemsize >= tensor.element_size():
+        return tensor
+    return tensor.to(dtype)
+
+
+def _stored(features: torch.Tensor, stride: int, dtype: torch.dtype | None) -> torch.Tensor:
+    compact = _compact(features, dtype)
     # A strided view is copied, so the stored feature does not keep the whole activation alive.
-    return features if stride == 1 else features.clone()
+    return compact.clone() if compact is features and stride > 1 else compact
 
 
 class BWCacheState(BaseState):
@@ -136,10 +146,13 @@ class BWCacheHook(ModelHook):
         self.config = config
         self.blocks = blocks
         self.indicator_blocks = set(config.resolve_indicator_blocks(len(blocks)))
+        self.cache_dtype = config.resolved_cache_dtype()
         self.state_manager = StateManager(BWCacheState, (len(blocks),))
         self.trace = Trace(config, [b.name for b in blocks], model_name)
         self.active: BWCacheState | None = None
         self.active_branch: str | None = None
+        # The branches seen since the last reset, by name.
+        self.states: dict[str, BWCacheState] = {}
         self._new_generation = True
         self._timestep_index: int | None = None
 
@@ -155,6 +168,7 @@ class BWCacheHook(ModelHook):
         try:
             context = self.state_manager.context
             state = self.state_manager.get_state()
+            self.states[context.name] = state
             self._begin_step(state, context, args, kwargs)
             self.active, self.active_branch = state, context.name
             try:
@@ -169,6 +183,7 @@ class BWCacheHook(ModelHook):
 
     def reset_state(self, module):
         self.state_manager.reset()
+        self.states = {}
         # The trace of the finished generation stays readable until the next one starts.
         self._new_generation = True
         return module
@@ -243,8 +258,6 @@ class BWCacheHook(ModelHook):
 
     def _end_step(self, state: BWCacheState, branch_name: str) -> None:
         config = self.config
-        self._close_chain(state)
-        state.last_output = None
         step = state.step
 
         distances = {}
@@ -271,6 +284,10 @@ class BWCacheHook(ModelHook):
                     state.schedule = paper_schedule(step, state.num_steps, state.reuse_interval, config.tail_fraction)
                     # No indicator work after the trigger: the stored features are no longer needed.
                     state.features = [None] * len(self.blocks)
+            if state.computed_step and state.schedule is None:
+                # No trigger: the next step is computed, so this step's residual would never be read.
+                state.chain_start = None
+                state.residuals = {}
             reused_blocks = set() if state.computed_step else set(range(len(self.blocks)))
             trigger = state.trigger_step
         else:
@@ -280,8 +297,11 @@ class BWCacheHook(ModelHook):
             if reused_blocks and state.first_reuse_step is None:
                 state.first_reuse_step = step
             trigger = state.first_reuse_step
+        self._close_chain(state)
+        state.last_output = None
 
         if config.record_trace:
+            self.trace.held_bytes_peak = max(self.trace.held_bytes_peak, self._held_bytes())
             branch = self.trace.branch(branch_name)
             branch.indicator[step] = indicator
             for i, value in distances.items():
@@ -289,6 +309,17 @@ class BWCacheHook(ModelHook):
             for i in reused_blocks:
                 branch.reused[step][i] = True
             branch.trigger_step = trigger
+
+    def _held_bytes(self) -> int:
+        """Bytes of the residuals and features every branch holds now (each storage counted once)."""
+        storages = {}
+        for state in self.states.values():
+            held = [t for pair in state.residuals.values() for t in pair] + state.features
+            for tensor in held:
+                if tensor is not None:
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
     def _timestep(self, context: CacheContext, args, kwargs) -> float | None:
         value = context.timestep
@@ -329,7 +360,7 @@ class BWCacheHook(ModelHook):
             previous = state.features[i]
             if previous is not None:
                 state.step_distances[i] = relative_l1(features, previous)
-            state.features[i] = _stored(features, self.config.indicator_token_stride)
+            state.features[i] = _stored(features, self.config.indicator_token_stride, self.cache_dtype)
         return self._compute_block(spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states)
 
     def _blockwise_block(self, spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states):
@@ -381,7 +412,7 @@ class BWCacheHook(ModelHook):
         return self._compute_block(spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states)
 
     def _keep_features(self, state: BWCacheState, i: int, features: torch.Tensor) -> None:
-        state.features[i] = _stored(features, self.config.indicator_token_stride)
+        state.features[i] = _stored(features, self.config.indicator_token_stride, self.cache_dtype)
         state.feature_norms[i] = None
 
     def _compute_block(
@@ -395,7 +426,12 @@ class BWCacheHook(ModelHook):
                 self._close_chain(state)
                 # The chain is recomputed now: its old residual is stale, and freeing it first lowers the peak.
                 state.residuals.pop(i, None)
-                state.chain_start = (i, hidden_states, encoder_hidden_states if spec.has_encoder_stream else None)
+                start_hs = hidden_states
+                if self.config.mode == "paper":
+                    # The chain's input is held while the chain runs; a compact copy lets the model free its own.
+                    # (The text stream's is kept as is: whether a chain changed it is told by identity.)
+                    start_hs = _compact(hidden_states, self.cache_dtype)
+                state.chain_start = (i, start_hs, encoder_hidden_states if spec.has_encoder_stream else None)
             state.chain_heads[i] = not chained
         output = forward(*args, **kwargs)
         state.output_arity[i] = len(output) if isinstance(output, (tuple, list)) else None
@@ -425,8 +461,8 @@ class BWCacheHook(ModelHook):
         state.residuals.pop(head, None)
         residual_ehs = None
         if start_ehs is not None and last_ehs is not None and last_ehs is not start_ehs:
-            residual_ehs = last_ehs - start_ehs
-        state.residuals[head] = (last_hs - start_hs, residual_ehs)
+            residual_ehs = _compact(last_ehs - start_ehs, self.cache_dtype)
+        state.residuals[head] = (_compact(last_hs - start_hs, self.cache_dtype), residual_ehs)
         state.chain_start = None
 
 

@@ -14,7 +14,8 @@ Schema (every key required; ``hub_id``, ``pipeline_class`` and
               (indicator_blocks: null = all blocks, "every_other" = blocks 0, 2, 4, ...
                as the paper's ~50% subset for memory-heavy models, or a list of indices;
                the cache library resolves it); optionally the block-wise guards
-              warmup_steps, tail_steps, accumulate_distance and indicator_token_stride
+              warmup_steps, tail_steps, accumulate_distance and indicator_token_stride,
+              and cache_dtype (storage dtype of the cached tensors)
     recommended_gpu_memory_gb, notes
 
 Loading checks the schema and that the preset's own defaults pass its limits.
@@ -58,7 +59,7 @@ _DEFAULT_KEYS = (
 )
 _LIMIT_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "prompt_max_chars")
 _BWCACHE_KEYS = ("threshold", "reuse_interval", "tail_fraction", "mode", "indicator_blocks")
-_BWCACHE_OPTIONAL_KEYS = ("warmup_steps", "tail_steps", "accumulate_distance", "indicator_token_stride")
+_BWCACHE_OPTIONAL_KEYS = ("warmup_steps", "tail_steps", "accumulate_distance", "indicator_token_stride", "cache_dtype")
 
 _RULE_RE = re.compile(r"^\s*(\d+)\s*k\s*(?:\+\s*(\d+))?\s*$")
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .figures import trace_to_csv
-from .trace import summarize
+from .trace import held_memory_text, summarize
 from .video import side_by_side, to_uint8, upscale, write_mp4
 
 
@@ -42,6 +42,9 @@ def summary_markdown(record: dict) -> str:
             f"- Ideal speedup for this reuse (DiT blocks took {record['block_share']:.0%} of the time): "
             f"{record['ideal_speedup']:.2f}×"
         )
+    held = held_memory_text(record["trace"])
+    if held:
+        lines.append(f"- Cache memory: {held}")
     peer = record.get("peer")
     if peer:
         lines.append(

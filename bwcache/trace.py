@@ -49,6 +49,8 @@ class Trace:
         self.block_names = list(block_names)
         self.model_name = model_name
         self.branches: dict[str, BranchTrace] = {}
+        # The most bytes of cached residuals and features held at the end of a transformer call, all branches.
+        self.held_bytes_peak = 0
 
     @property
     def num_blocks(self) -> int:
@@ -56,6 +58,7 @@ class Trace:
 
     def clear(self) -> None:
         self.branches = {}
+        self.held_bytes_peak = 0
 
     def branch(self, name: str) -> BranchTrace:
         if name not in self.branches:
@@ -75,6 +78,7 @@ class Trace:
             "num_blocks": self.num_blocks,
             "block_names": list(self.block_names),
             "branches": {name: branch.to_dict() for name, branch in self.branches.items()},
+            "held_bytes_peak": self.held_bytes_peak,
         }
 
     def summary(self) -> str:
@@ -118,4 +122,24 @@ def summarize(trace_dict: dict) -> str:
             f"{reused}/{cells} block evaluations skipped ({share:.1%})"
         )
     lines.append(f"  overall: {skipped / total if total else 0.0:.1%} of block evaluations skipped")
+    held = held_memory_text(trace_dict)
+    if held:
+        lines.append(f"  cache memory: {held}")
     return "\n".join(lines)
+
+
+def held_memory_text(trace_dict: dict) -> str | None:
+    """What the cache held at most, in words (None for a record without the figure, or nothing held)."""
+    held = trace_dict.get("held_bytes_peak")
+    if not held:
+        return None
+    dtype = trace_dict["config"].get("cache_dtype")
+    storage = f", stored as {dtype}" if dtype else ""
+    return f"at most {format_bytes(held)} of residuals and features held between calls{storage}"
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"

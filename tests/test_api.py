@@ -32,6 +32,8 @@ from families import FAMILIES
         ({"warmup_steps": -1}, "warmup_steps must be an integer ≥ 0"),
         ({"tail_steps": True}, "tail_steps must be an integer ≥ 0"),
         ({"accumulate_distance": "yes"}, "accumulate_distance must be True or False"),
+        ({"cache_dtype": "float32"}, "cache_dtype must be None or one of ('bfloat16', 'float16')"),
+        ({"cache_dtype": torch.int8}, "cache_dtype must be None or one of ('bfloat16', 'float16'), got 'int8'"),
     ],
 )
 def test_invalid_configs_name_the_field_and_the_allowed_range(kwargs, message):
@@ -47,7 +49,8 @@ def test_config_defaults_and_round_trip():
     assert config.resolve_indicator_blocks(5) == [0, 1, 2, 3, 4]
     assert BWCacheConfig(indicator_blocks="every_other").resolve_indicator_blocks(5) == [0, 2, 4]
     assert BWCacheConfig(indicator_blocks=[-1, 0]).resolve_indicator_blocks(5) == [0, 4]
-    custom = BWCacheConfig(threshold=0.2, indicator_blocks=[0, 2], mode="blockwise")
+    custom = BWCacheConfig(threshold=0.2, indicator_blocks=[0, 2], mode="blockwise", cache_dtype=torch.bfloat16)
+    assert custom.cache_dtype == "bfloat16" and custom.resolved_cache_dtype() is torch.bfloat16
     assert BWCacheConfig.from_dict(json.loads(json.dumps(custom.to_dict()))) == custom
     with pytest.raises(ValueError, match="Unknown BWCacheConfig field"):
         BWCacheConfig.from_dict({"treshold": 0.1})

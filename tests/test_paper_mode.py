@@ -109,6 +109,18 @@ def test_one_residual_per_branch_and_features_freed_after_trigger():
     assert state.features == [None] * 4
 
 
+def test_before_the_trigger_no_residual_is_kept():
+    # Until a step triggers, the next step is computed: its residual would never be read.
+    model = DoublingTransformer(num_layers=3)
+    handle = apply_bwcache(model, BWCacheConfig(threshold=0.01, reuse_interval=2))
+    for step in range(4):
+        with model.cache_context("cond", step_index=step, num_inference_steps=12):
+            model(torch.full((1, 4, 8), dyadic(step)))
+        state = handle._hook.state_manager._state_cache["cond"]
+        assert state.trigger_step is None and state.residuals == {} and state.chain_start is None
+        assert all(f is not None for f in state.features)
+
+
 def test_tail_frees_the_residual():
     model = DoublingTransformer(num_layers=2)
     handle = apply_bwcache(model, BWCacheConfig(threshold=0.1, reuse_interval=2))
@@ -226,3 +238,19 @@ def test_summary_reads_well():
     assert "trigger at step 3" in text
     assert "5/12 steps fully reused" in text
     assert "20/48 block evaluations skipped (41.7%)" in text
+    # Until the trigger each of the 4 blocks keeps its 4 × 8 float32 input (128 B): 512 B; then one residual.
+    assert handle.trace.held_bytes_peak == 512
+    assert "cache memory: at most 512 B of residuals and features held between calls" in text
+
+
+@pytest.mark.parametrize("mode, cache_dtype, expected", [
+    ("paper", None, 4 * 128), ("paper", "bfloat16", 4 * 64),
+    # Block-wise: every block keeps a residual and a reference input once reuse is possible.
+    ("blockwise", None, 4 * 2 * 128), ("blockwise", "bfloat16", 4 * 2 * 64),
+])
+def test_held_memory_is_counted_exactly(mode, cache_dtype, expected):
+    model = DoublingTransformer(num_layers=4)
+    handle = apply_bwcache(model, BWCacheConfig(threshold=0.1, reuse_interval=2, mode=mode, cache_dtype=cache_dtype))
+    run_dummy(model, 12)
+    assert handle.trace.held_bytes_peak == expected
+    assert handle.trace.to_dict()["held_bytes_peak"] == expected

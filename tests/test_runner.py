@@ -40,6 +40,8 @@ def test_the_record_holds_its_fields(comparison):
     assert comparison.baseline_frames.shape == comparison.bwcache_frames.shape == (5, 16, 16, 3)
     json.dumps(record, allow_nan=False)
     assert "×" in summary_markdown(record) and "trigger at step 1" in summary_text(record)
+    held = record["trace"]["held_bytes_peak"]
+    assert held > 0 and "- Cache memory: at most " in summary_markdown(record)
 
 
 def test_the_uncached_trace_predicts_the_cached_schedule(comparison):
