@@ -30,6 +30,7 @@ from .memory import parameter_bytes, peak_tensor_bytes
 from .metrics import compare_videos
 from .pipelines import default_device, device_name, get_pipeline
 from .runner import AUTO, ForwardTimer, _synchronize, block_timer, check_prompt, generate, resolve_config, resolve_preset, resolve_settings
+from .trace import format_bytes
 
 # Overheads are measured on the first few prompts only: they vary little between prompts.
 OVERHEAD_PROMPTS = 3
@@ -553,7 +554,7 @@ time in the hooked transformer and blocks minus their own forward, less what the
   in {o['other_storage'] or "the model's dtype"} instead: {o['cache_work_share_other_storage']:.1%};
 - DiT blocks' own forward: {o['block_share_of_time']:.1%} of an uncached generation's time;
 - achieved ÷ ideal speedup, wall-clock (the per-step fastest of {o.get('repeats', OVERHEAD_REPEATS)} alternating uncached and cached runs): {_ratio(o)};
-- extra peak tensor memory over the uncached run (its weights + activations, {_megabytes(o['weights_bytes'])} + {_megabytes(o['peak_activation_bytes_uncached'])}):
+- extra peak tensor memory over the uncached run (its weights + activations, {format_bytes(o['weights_bytes'])} + {format_bytes(o['peak_activation_bytes_uncached'])}):
 {_memory_lines(o)}
 """
 
@@ -565,11 +566,7 @@ def _ratio(o: dict) -> str:
     return f"{o['achieved_over_ideal']:.3f} (median over prompts; {low:.3f}–{high:.3f})"
 
 
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
 def _memory_lines(o: dict) -> str:
     return "\n".join(
-        f"  - {m['over_total']:+.2%} ({_megabytes(m['bytes'])}) with {m['label']};" for m in o["extra_peak"].values()
+        f"  - {m['over_total']:+.2%} ({format_bytes(m['bytes'])}) with {m['label']};" for m in o["extra_peak"].values()
     )

@@ -61,7 +61,7 @@ class BWCacheConfig:
             Store cached residuals and indicator features in this dtype. `None` keeps the model's own; on a float32
             model `"bfloat16"` halves the cache's memory, at a rounding error in reused outputs far below the error
             of reuse itself (distances are still summed in float32, and the output keeps the model's dtype). A dtype
-            wider than the model's is not applied. `"float16"` is more precise but can overflow on models with large
+            no narrower than the model's is not applied. `"float16"` is more precise but can overflow on models with large
             activations. Allowed: `None`, `"bfloat16"`, `"float16"` (or the matching `torch.dtype`).
     """
 
