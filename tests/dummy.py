@@ -49,6 +49,12 @@ def dyadic(step: int) -> float:
     return 2.0 - 2.0**-step
 
 
+def step_dummy(model, step, num_steps, dtype=torch.float32):
+    """One call of the dummy in the `cond` branch at `step` of `num_steps`, input `dyadic(step) · 1`; no reset after."""
+    with model.cache_context("cond", step_index=step, num_inference_steps=num_steps):
+        return model(torch.full((1, 4, 8), dyadic(step), dtype=dtype), timestep=torch.tensor([1.0]))[0]
+
+
 def run_dummy(model, num_steps, values=dyadic, context="cond", with_steps=True, encoder=False):
     """Call the dummy for `num_steps` steps with inputs `values(s) · 1`; returns the outputs."""
     outputs = []

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bwcache import BWCacheConfig, apply_bwcache
-from dummy import DoublingTransformer, dyadic, run_dummy
+from dummy import DoublingTransformer, dyadic, run_dummy, step_dummy
 
 
 def reference_blockwise(values, steps, blocks, delta, reuse, warmup, tail, indicator=None, accumulate=False):
@@ -98,7 +98,6 @@ def test_blockwise_keeps_no_residual_for_blocks_that_never_reuse():
     model = DoublingTransformer(num_layers=4)
     handle = apply_bwcache(model, BWCacheConfig(threshold=0.1, mode="blockwise", indicator_blocks=[1, 2]))
     for step in range(4):
-        with model.cache_context("cond", step_index=step, num_inference_steps=10):
-            model(torch.full((1, 4, 8), dyadic(step)))
+        step_dummy(model, step, 10)
     state = handle._hook.state_manager._state_cache["cond"]
     assert sorted(state.residuals) == [1, 2]

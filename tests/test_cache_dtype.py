@@ -10,7 +10,7 @@ from bwcache import BWCacheConfig, apply_bwcache, remove_bwcache
 from bwcache.memory import peak_tensor_bytes
 from bwcache.metrics import compare_videos
 from bwcache.runner import generate, resolve_config, resolve_preset, resolve_settings
-from dummy import DoublingTransformer, dyadic
+from dummy import DoublingTransformer, step_dummy
 
 
 def _stored_tensors(handle):
@@ -32,8 +32,7 @@ def test_bfloat16_storage_keeps_exact_numbers_where_bfloat16_holds_them(mode):
         handle = apply_bwcache(model, config)
         outputs, stored = [], set()
         for step in range(8):
-            with model.cache_context("cond", step_index=step, num_inference_steps=8):
-                outputs.append(model(torch.full((1, 4, 8), dyadic(step)), timestep=torch.tensor([1.0]))[0])
+            outputs.append(step_dummy(model, step, 8))
             stored |= {t.dtype for t in _stored_tensors(handle)}
         reused = sum(any(row) for row in handle.trace.branch("cond").reused)
         return outputs, stored, reused
@@ -51,9 +50,7 @@ def test_a_storage_dtype_no_narrower_than_the_model_is_not_applied():
     handle = apply_bwcache(model, BWCacheConfig(threshold=0.1, reuse_interval=2, cache_dtype=torch.float16))
     assert handle.config.cache_dtype == "float16"
     for step in range(5):
-        with model.cache_context("cond", step_index=step, num_inference_steps=12):
-            output = model(torch.full((1, 4, 8), dyadic(step), dtype=torch.bfloat16))[0]
-        assert output.dtype == torch.bfloat16
+        assert step_dummy(model, step, 12, dtype=torch.bfloat16).dtype == torch.bfloat16
     assert handle._hook.state_manager._state_cache["cond"].trigger_step == 3
     assert {t.dtype for t in _stored_tensors(handle)} == {torch.bfloat16}
 

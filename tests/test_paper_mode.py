@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bwcache import BWCacheConfig, apply_bwcache, paper_schedule, predict_schedule, remove_bwcache
-from dummy import DoublingTransformer, dyadic, run_dummy
+from dummy import DoublingTransformer, dyadic, run_dummy, step_dummy
 
 
 def pattern(computed):
@@ -101,8 +101,7 @@ def test_one_residual_per_branch_and_features_freed_after_trigger():
     model = DoublingTransformer(num_layers=4)
     handle = apply_bwcache(model, BWCacheConfig(threshold=0.1, reuse_interval=2))
     for step in range(5):
-        with model.cache_context("cond", step_index=step, num_inference_steps=12):
-            model(torch.full((1, 4, 8), dyadic(step)))
+        step_dummy(model, step, 12)
     state = handle._hook.state_manager._state_cache["cond"]
     assert state.trigger_step == 3
     assert list(state.residuals) == [0]  # the four blocks form one chain
@@ -114,8 +113,7 @@ def test_before_the_trigger_no_residual_is_kept():
     model = DoublingTransformer(num_layers=3)
     handle = apply_bwcache(model, BWCacheConfig(threshold=0.01, reuse_interval=2))
     for step in range(4):
-        with model.cache_context("cond", step_index=step, num_inference_steps=12):
-            model(torch.full((1, 4, 8), dyadic(step)))
+        step_dummy(model, step, 12)
         state = handle._hook.state_manager._state_cache["cond"]
         assert state.trigger_step is None and state.residuals == {} and state.chain_start is None
         assert all(f is not None for f in state.features)
@@ -125,8 +123,7 @@ def test_tail_frees_the_residual():
     model = DoublingTransformer(num_layers=2)
     handle = apply_bwcache(model, BWCacheConfig(threshold=0.1, reuse_interval=2))
     for step in range(12):
-        with model.cache_context("cond", step_index=step, num_inference_steps=12):
-            model(torch.full((1, 4, 8), dyadic(step)))
+        step_dummy(model, step, 12)
     state = handle._hook.state_manager._state_cache["cond"]
     assert state.residuals == {}
 
