@@ -1,14 +1,14 @@
 """BWCache: block-wise caching for video diffusion transformers, as diffusers hooks.
 
     >>> from bwcache import BWCacheConfig, apply_bwcache
-    >>> handle = apply_bwcache(pipe.transformer, BWCacheConfig(threshold=0.15))
+    >>> handle = apply_bwcache(pipe, BWCacheConfig(threshold=0.15))
     >>> frames = pipe(prompt).frames[0]
     >>> print(handle.summary())
 """
 
 from .blocks import register_block
 from .config import BWCacheConfig
-from .hooks import BWCacheHandle, apply_bwcache, get_bwcache_handle, remove_bwcache
+from .apply import BWCacheHandle, apply_bwcache, cached, get_bwcache_handle, remove_bwcache
 from .schedule import paper_schedule, predict_schedule
 from .trace import Trace, summarize
 
@@ -17,6 +17,7 @@ __all__ = [
     "BWCacheHandle",
     "Trace",
     "apply_bwcache",
+    "cached",
     "get_bwcache_handle",
     "paper_schedule",
     "predict_schedule",

@@ -25,7 +25,7 @@ import torch
 from . import peers
 from .blocks import find_blocks
 from .config import BWCacheConfig
-from .hooks import apply_bwcache, remove_bwcache
+from .apply import apply_bwcache, cached
 from .memory import parameter_bytes, peak_tensor_bytes
 from .metrics import compare_videos
 from .pipelines import default_device, device_name, get_pipeline
@@ -63,8 +63,8 @@ class Method:
     def enable(self, pipe, preset, settings, calibration):
         if self.kind == "bwcache":
             config = resolve_config(preset, settings["num_inference_steps"], **self.params)
-            handle = apply_bwcache(pipe.transformer, config)
-            return lambda: remove_bwcache(pipe.transformer), handle
+            handle = apply_bwcache(pipe, config)
+            return handle.remove, handle
         peer = peers.enable_peer(self.kind, pipe, settings, params=self.params, mag_ratios=calibration)
         return peer.remove, None
 
@@ -354,7 +354,7 @@ def overheads_for_prompt(pipe, preset, settings, device, overheads, repeats=OVER
     plain, cached = [], []
     for _ in range(repeats):
         plain.append(_step_seconds(pipe, preset, settings, device))
-        with _applied(pipe.transformer, config) as handle:
+        with _applied(pipe, config) as handle:
             cached.append(_step_seconds(pipe, preset, settings, device))
     reuse = handle.trace.reuse_fraction
     if reuse > 0:
@@ -374,7 +374,7 @@ def _hook_share(transformer, run, config: BWCacheConfig | None, device) -> float
     inner = ForwardTimer(modules, device)
     try:
         with _applied(transformer, config):
-            outer = ForwardTimer(modules, device)
+            outer = ForwardTimer(modules, device, around_call=True)
             try:
                 seconds = run()
             finally:
@@ -385,16 +385,13 @@ def _hook_share(transformer, run, config: BWCacheConfig | None, device) -> float
 
 
 @contextmanager
-def _applied(transformer, config: BWCacheConfig | None):
-    """BWCache with `config` on `transformer` for the block (nothing when `config` is None); yields the handle."""
+def _applied(target, config: BWCacheConfig | None):
+    """BWCache with `config` on a pipeline or transformer for the block (nothing when `config` is None); yields the handle."""
     if config is None:
         yield None
         return
-    handle = apply_bwcache(transformer, config)
-    try:
+    with cached(target, config) as handle:
         yield handle
-    finally:
-        remove_bwcache(transformer)
 
 
 def _step_seconds(pipe, preset, settings, device) -> tuple[float, list[float]]:
@@ -445,7 +442,7 @@ def memory_overhead(pipe, preset, settings, device) -> dict:
     weights = sum(parameter_bytes(m) for m in (pipe.transformer, getattr(pipe, "text_encoder", None), getattr(pipe, "vae", None)) if isinstance(m, torch.nn.Module))
 
     def peak(cache_config: BWCacheConfig | None) -> int:
-        with _applied(pipe.transformer, cache_config):
+        with _applied(pipe, cache_config):
             return peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
 
     plain = peak(None)

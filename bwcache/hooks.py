@@ -1,38 +1,37 @@
-"""BWCache as diffusers hooks: one stateful hook on the transformer, one hook on every DiT block.
+"""How BWCache reuses: diffusers hooks that keep each branch's step, features and residuals (the mechanics).
 
-Paper mode (the published method, arXiv 2509.13789):
-    * Step 0 is computed. At each computed step s before the trigger, for each indicator block i,
-      `distance[s][i] = mean|h(s,i) − h(s−1,i)| / mean|h(s−1,i)|`, h(s,i) being block i's hidden-states input
-      (paper Eq. 5), and `indicator[s]` is their mean (Eq. 6–7).
-    * Reuse triggers at the first step k ≥ 1 with `indicator[k] < δ`. From k+1 on: R reused steps, one computed
-      step, repeating; the last `max(1, floor(k · tail_fraction))` steps are always computed. After the trigger no
-      indicator work is done and the stored features are freed.
-    * A reused step runs no block: each block returns its input plus the residual cached at the branch's most recent
-      computed step. Blocks that hand their output straight to the next block form a chain, and the chain's
-      residuals telescope, so one residual per chain (per stream) is kept and added at the chain's first block; the
-      other blocks pass their input through. On most models the whole stack is one chain, so a branch keeps a
-      single residual, as the official code does.
+When to reuse is the policy's business (`bwcache.policies`); this module measures distances, keeps and releases
+cached tensors, and rebuilds a reused block's output.
 
-Block-wise mode (an extension: the decision is made per block and per step):
-    Block i, at step s, reuses its own cached residual r_i (output = input + r_i) when all of these hold:
-      * i is an indicator block, `warmup_steps ≤ s < T − tail_steps`, and r_i exists;
-      * block i has reused fewer than R consecutive steps;
-      * d < δ, where d is the relative-L1 distance between block i's input now and its input at the step r_i was
-        computed (or, with `accumulate_distance`, the sum of step-to-step distances of its input since then).
-    Otherwise the block runs; r_i and its reference input are refreshed if the next step lies in the reuse window,
-    and dropped if not. The distance is computed only when the other conditions hold, so the warm-up, the tail and a
-    block's forced recompute after R reuses cost no indicator work; at δ = 0 nothing is reused and every distance is
-    measured (the full distance map). Each block keeps its own residual and reference input, so this mode needs
-    more memory than paper mode.
+* The transformer carries a stateful hook (`BWCacheHook`) for diffusers' cache contexts and end-of-call reset, and
+  a pair of torch forward hooks that open and close each call: they find the branch and the step, and survive
+  accelerate's CPU offload, which re-wraps the transformer's forward after every generation.
+* Every DiT block carries a `BWCacheBlockHook`. Its decision work runs in `torch.compiler.disable`d methods, so
+  under `compile_repeated_blocks()` or `transformer.compile()` the blocks' own forwards are compiled and the cache's
+  Python state is never guarded on.
 
-Memory: a chain's old residual is released before the chain is recomputed, so the peak holds one residual per
-chain, not two; in paper mode no residual is kept before the trigger (the next step is computed anyway). With
-`cache_dtype`, residuals, features and the input a paper-mode chain holds while it runs are stored narrower than the
-model's dtype; reused outputs keep the model's dtype. `trace.held_bytes_peak` records the most the cache held.
+Distances. Block i's feature is its hidden-states input h (every `indicator_token_stride`-th token), and its
+distance is the relative L1 `mean|h(s) − h(ref)| / mean|h(ref)|` to a reference input: the previous step's in paper
+mode (paper Eq. 5–7), the input its residual was computed on in block-wise mode. All of a step's distances reach the
+host in one sync at the end of the call, except where block-wise mode must decide on one before running its block.
 
-CFG: state is kept per cache-context name (`cond`, `uncond`, … as diffusers pipelines set them); a call made with no
-context runs in one branch named `default`. The step index comes from the context's `step_index` when the pipeline
-provides it, else from counting calls per branch.
+Reuse. A reused block returns its input plus a cached residual (output − input at a computed step). Blocks that
+hand their output straight to the next block form a chain whose residuals telescope, so paper mode keeps one
+residual per chain (per stream), added at the chain's first block, and the other blocks pass their input through;
+on most models the whole stack is one chain, so a branch keeps a single residual, as the official code does.
+Block-wise mode keeps one residual per block.
+
+Memory. A chain's old residual is released before the chain is recomputed, so the peak holds one residual per
+chain, not two; a residual or reference input is kept only when a later step may read it. With `cache_dtype`,
+residuals, features and the input a paper-mode chain holds while it runs are stored narrower than the model's
+dtype; reused outputs keep the model's dtype. `trace.held_bytes_peak` records the most the cache held.
+
+Steps. State is kept per cache-context name (`cond`, `uncond`, … as pipelines set them; a call with no context runs
+in a branch named `default`). Applied to a pipeline, the step count, the step index and the start of each
+generation come from the pipeline's scheduler (`bwcache.clock`). Applied to a transformer alone, they come from
+the context's `step_index` and `num_inference_steps`, or `BWCacheConfig.num_inference_steps` and counting calls
+per branch, and a call whose timestep is not below its branch's previous one starts a new generation. A call that
+raises drops all state: the next call starts afresh.
 """
 
 from __future__ import annotations
@@ -40,28 +39,17 @@ from __future__ import annotations
 import inspect
 
 import torch
-from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
+from diffusers.hooks.hooks import BaseState, CacheContext, ModelHook, StateManager
 from diffusers.utils.torch_utils import unwrap_module
 
-from .blocks import BlockSpec, find_blocks
+from .blocks import BlockSpec
+from .clock import PipelineClock
 from .config import BWCacheConfig
-from .schedule import paper_schedule
+from .policies import make_policy
+from .stacking import foreign_cache_hooks
 from .trace import Trace
 
-_BWCACHE_ROOT_HOOK = "bwcache_root_hook"
-_BWCACHE_BLOCK_HOOK = "bwcache_block_hook"
 DEFAULT_BRANCH = "default"
-
-# Modules of diffusers' own caches: BWCache refuses to stack on top of them.
-_DIFFUSERS_CACHE_MODULES = {
-    "diffusers.hooks.first_block_cache",
-    "diffusers.hooks.mag_cache",
-    "diffusers.hooks.taylorseer_cache",
-    "diffusers.hooks.sea_cache",
-    "diffusers.hooks.pyramid_attention_broadcast",
-    "diffusers.hooks.faster_cache",
-    "diffusers.hooks.text_kv_cache",
-}
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor, previous_norm: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,7 +87,7 @@ def _stored(features: torch.Tensor, stride: int, dtype: torch.dtype | None) -> t
 
 
 class BWCacheState(BaseState):
-    """Everything one CFG branch remembers between denoising steps."""
+    """Everything one CFG branch of one transformer remembers between denoising steps."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
@@ -107,113 +95,224 @@ class BWCacheState(BaseState):
 
     def reset(self) -> None:
         self.calls = 0
+        # The generation (a count kept by the hook) this branch's state belongs to.
+        self.generation = 0
         self.step = -1
         self.num_steps: int | None = None
         self.reuse_interval: int | None = None
+        self.last_timestep: float | None = None
+        # Decisions (written by the policy).
         self.computed_step = True
         self.need_residuals = False
-        # Block-wise mode: whether this step lies between the warm-up and the tail.
         self.reuse_window = False
-        # Paper mode.
         self.trigger_step: int | None = None
         self.schedule: list[bool] | None = None
-        # Per block: the feature the next distance is measured against.
+        self.consecutive = [0] * self.num_blocks
+        self.accumulated: list[torch.Tensor | float] = [0.0] * self.num_blocks
+        self.first_reuse_step: int | None = None
+        # Per block: the feature the next distance is measured against, and its L1 norm once computed.
         self.features: list[torch.Tensor | None] = [None] * self.num_blocks
         self.feature_norms: list[torch.Tensor | None] = [None] * self.num_blocks
         # Per chain (keyed by its first block): cached residuals of both streams.
         self.residuals: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self.chain_heads: list[bool] = [True] * self.num_blocks
         self.output_arity: list[int | None] = [None] * self.num_blocks
-        # Block-wise mode.
-        self.consecutive = [0] * self.num_blocks
-        self.accumulated: list[torch.Tensor | float] = [0.0] * self.num_blocks
-        self.first_reuse_step: int | None = None
-        # Within one forward.
+        # Within one call.
         self.step_distances: dict[int, torch.Tensor] = {}
         self.step_measured: dict[int, torch.Tensor | float] = {}
         self.step_reused: set[int] = set()
         self.chain_start: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
         self.last_output: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.keep_residual = False
 
 
 class BWCacheHook(ModelHook):
-    """The stateful hook on the transformer: finds the branch and step, and closes each step's bookkeeping."""
+    """The stateful hook on one transformer: branch and step bookkeeping, and the blocks' mechanics."""
 
     _is_stateful = True
 
-    def __init__(self, config: BWCacheConfig, blocks: list[BlockSpec], model_name: str):
+    def __init__(
+        self,
+        config: BWCacheConfig,
+        blocks: list[BlockSpec],
+        trace: Trace,
+        expert: str | None = None,
+        clock: PipelineClock | None = None,
+    ):
         super().__init__()
         self.config = config
         self.blocks = blocks
-        self.indicator_blocks = set(config.resolve_indicator_blocks(len(blocks)))
+        self.policy = make_policy(config, len(blocks))
         self.cache_dtype = config.resolved_cache_dtype()
         self.state_manager = StateManager(BWCacheState, (len(blocks),))
-        self.trace = Trace(config, [b.name for b in blocks], model_name)
+        self.trace = trace
+        self.expert = expert
+        self.clock = clock
+        self.module: torch.nn.Module | None = None
         self.active: BWCacheState | None = None
         self.active_branch: str | None = None
         # The branches seen since the last reset, by name.
         self.states: dict[str, BWCacheState] = {}
-        self._new_generation = True
+        # A count of the generations this hook has started (a reset, a restart or a new clock generation).
+        self._generation = 0
+        self._clock_generation = 0
+        self._started: tuple | None = None
+        self._own_context = False
         self._timestep_index: int | None = None
 
     def initialize_hook(self, module):
+        self.module = module
         parameters = list(inspect.signature(unwrap_module(module).__class__.forward).parameters)[1:]
         self._timestep_index = parameters.index("timestep") if "timestep" in parameters else None
         return module
 
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        own_context = self.state_manager._context is None
-        if own_context:
+    def reset_state(self, module):
+        self.release()
+        self.active = self.active_branch = None
+        # The trace of the finished generation stays readable until the next one starts.
+        self._generation += 1
+        return module
+
+    def release(self) -> None:
+        """Drop every branch's state (the cache context in force, if any, stays)."""
+        context = self.state_manager._context
+        self.state_manager.reset()
+        self.state_manager.set_context(context)
+        self.states = {}
+
+    # -- one transformer call (torch forward hooks, outside any compiled graph) -------------------------------
+
+    @torch.compiler.disable
+    def call_start(self, module, args, kwargs) -> None:
+        self.active = self.active_branch = None
+        self._own_context = self.state_manager._context is None
+        if self._own_context:
             self.state_manager.set_context(CacheContext(DEFAULT_BRANCH))
         try:
+            if self.clock is not None:
+                self.clock.refresh()
+                if self.clock.generation != self._clock_generation:
+                    self._clock_generation = self.clock.generation
+                    self.reset_state(module)
+                self.clock.release_finished(self)
             context = self.state_manager.context
             state = self.state_manager.get_state()
+            if state.calls == 0:
+                state.generation = self._generation
             self.states[context.name] = state
             self._begin_step(state, context, args, kwargs)
-            self.active, self.active_branch = state, context.name
-            try:
-                output = self.fn_ref.original_forward(*args, **kwargs)
-            finally:
-                self.active = self.active_branch = None
-            self._end_step(state, context.name)
-            return output
-        finally:
-            if own_context:
-                self.state_manager.set_context(None)
+        except BaseException:
+            self._leave_context()
+            raise
+        self.active, self.active_branch = state, context.name
 
-    def reset_state(self, module):
-        self.state_manager.reset()
-        self.states = {}
-        # The trace of the finished generation stays readable until the next one starts.
-        self._new_generation = True
-        return module
+    @torch.compiler.disable
+    def call_end(self, module, args, kwargs, output) -> None:
+        state, branch = self.active, self.active_branch
+        self.active = self.active_branch = None
+        try:
+            if state is None:
+                return
+            if output is None:
+                # The call raised: its state is half-updated, so the next call starts afresh.
+                self.reset_state(module)
+                return
+            self._end_step(state, branch)
+        finally:
+            self._leave_context()
+
+    def _leave_context(self) -> None:
+        if self._own_context:
+            self.state_manager.set_context(None)
+            self._own_context = False
 
     # -- step bookkeeping -------------------------------------------------------------------------------------
 
+    def _locate(self, state: BWCacheState, context: CacheContext, timestep: float | None) -> tuple[int, int | None]:
+        """(step, number of steps) of this call within this transformer's part of the generation."""
+        config, clock = self.config, self.clock
+        if clock is not None and clock.num_steps is not None:
+            step = context.step_index if context.step_index is not None else clock.next_step(context.name)
+            num_steps = clock.num_steps
+            self._check_steps(num_steps, "the pipeline runs")
+            if context.num_inference_steps is not None and context.num_inference_steps != num_steps:
+                raise ValueError(
+                    f"The pipeline's cache context says num_inference_steps={context.num_inference_steps}, but its "
+                    f"scheduler runs {num_steps} denoising steps."
+                )
+            window = clock.windows.get(self.expert)
+            if window is not None:
+                start, end = window
+                if not start <= step < end:
+                    raise ValueError(
+                        f"{self.expert} was called at step {step}, outside its steps {start}..{end - 1} of this "
+                        f"generation (the pipeline's boundary_ratio gives it those)."
+                    )
+                step, num_steps = step - start, end - start
+            return step, num_steps
+
+        num_steps = context.num_inference_steps
+        if num_steps is not None:
+            self._check_steps(num_steps, "the cache context says num_inference_steps=")
+        else:
+            num_steps = config.num_inference_steps
+        if context.step_index is not None:
+            step = context.step_index
+            if state.calls > 0 and step == 0:
+                self._restart(state)
+            return step, num_steps
+        step = state.calls
+        later = timestep is None or state.last_timestep is None or timestep < state.last_timestep
+        if state.calls > 0 and not later:
+            # The denoising timestep went back up: a new generation that no pipeline reset announced.
+            self._restart(state)
+            step = 0
+        elif num_steps is not None and step >= num_steps:
+            if timestep is None:
+                self._restart(state)
+                step = 0
+            else:
+                raise ValueError(
+                    f"BWCacheConfig(num_inference_steps={num_steps}), but this generation runs more steps: its branch "
+                    f"{context.name!r} is at step {step + 1}. Leave num_inference_steps unset and apply BWCache to the "
+                    "pipeline (apply_bwcache(pipe, ...)) to follow the pipeline's step count."
+                )
+        return step, num_steps
+
+    def _check_steps(self, num_steps: int, source: str) -> None:
+        configured = self.config.num_inference_steps
+        if configured is not None and configured != num_steps:
+            said = f"{source}{num_steps}" if source.endswith("=") else f"{source} {num_steps}"
+            raise ValueError(
+                f"BWCacheConfig(num_inference_steps={configured}) disagrees with the steps run: {said} denoising "
+                "steps. Leave num_inference_steps unset to follow the pipeline, or set it to the steps you run."
+            )
+
+    def _restart(self, state: BWCacheState) -> None:
+        """A branch starts over: the first branch to do so starts a new generation, the others join it."""
+        if state.generation == self._generation:
+            self._generation += 1
+        state.reset()
+        state.generation = self._generation
+
     def _begin_step(self, state: BWCacheState, context: CacheContext, args, kwargs) -> None:
         config = self.config
-        num_steps = config.num_inference_steps or context.num_inference_steps
-        step = context.step_index if context.step_index is not None else state.calls
-        restart = state.calls > 0 and (step == 0 or (num_steps is not None and step >= num_steps))
-        if restart:
-            # A new generation that no pipeline reset announced.
-            state.reset()
-            step = context.step_index if context.step_index is not None else 0
+        timestep = self._timestep(context, args, kwargs)
+        step, num_steps = self._locate(state, context, timestep)
         if num_steps is None and config.threshold > 0:
             raise ValueError(
-                "BWCache needs the number of denoising steps: set BWCacheConfig(num_inference_steps=...) or call "
-                "the transformer inside transformer.cache_context(name, num_inference_steps=...)."
+                "BWCache needs the number of denoising steps: apply it to the pipeline (apply_bwcache(pipe, ...)), "
+                "set BWCacheConfig(num_inference_steps=...), or call the transformer inside "
+                "transformer.cache_context(name, num_inference_steps=...)."
             )
         if num_steps is not None and not 0 <= step < num_steps:
             raise ValueError(f"Step index {step} is outside 0..{num_steps - 1} (num_inference_steps={num_steps}).")
-
-        if config.record_trace and (self._new_generation or (step == 0 and context.name in self.trace.branches)):
-            self.trace.clear()
-        self._new_generation = False
+        self._start_generation()
 
         state.calls += 1
         state.step = step
         state.num_steps = num_steps
+        state.last_timestep = timestep
         state.reuse_interval = config.resolved_reuse_interval(num_steps) if num_steps else None
         state.step_distances = {}
         state.step_measured = {}
@@ -221,94 +320,63 @@ class BWCacheHook(ModelHook):
         state.chain_start = None
         state.last_output = None
 
-        if config.mode == "paper":
-            state.computed_step = state.schedule is None or state.schedule[step]
-            if state.computed_step:
-                state.need_residuals = self._paper_needs_residuals(state)
-                if not state.need_residuals:
-                    state.residuals = {}
-            elif not state.residuals:
-                raise RuntimeError(f"BWCache has no cached residual to reuse at step {step}.")
-        else:
-            # A residual (and the input it is measured against) is worth keeping only if the next step may reuse it.
-            state.reuse_window = num_steps is not None and config.warmup_steps <= step < num_steps - config.tail_steps
-            state.need_residuals = (
-                config.threshold > 0
-                and num_steps is not None
-                and config.warmup_steps <= step + 1 < num_steps - config.tail_steps
-            )
+        self.policy.plan_step(state)
+        if state.computed_step and not state.need_residuals and config.mode == "paper":
+            state.residuals = {}
+        if not state.computed_step and not state.residuals:
+            raise RuntimeError(f"BWCache has no cached residual to reuse at step {step}.")
 
         if config.record_trace:
+            offset = self._step_offset()
             branch = self.trace.branch(context.name)
-            branch.ensure_step(step)
-            branch.timesteps[step] = self._timestep(context, args, kwargs)
+            branch.ensure_step(offset + step)
+            branch.timesteps[offset + step] = timestep
+            branch.experts[offset + step] = self.expert
 
-    def _paper_needs_residuals(self, state: BWCacheState) -> bool:
-        """Whether a later step of this branch may reuse what this computed step produces."""
-        if self.config.threshold == 0:
-            return False
-        T, step = state.num_steps, state.step
-        schedule = state.schedule
-        if schedule is None:
-            # A trigger at this very step would start the schedule from here.
-            schedule = paper_schedule(step, T, state.reuse_interval, self.config.tail_fraction) if step >= 1 else None
-            if schedule is None:
-                return False
-        return not all(schedule[step + 1 :])
+    def _step_offset(self) -> int:
+        window = self.clock.windows.get(self.expert) if self.clock is not None else None
+        return window[0] if window is not None else 0
+
+    def _start_generation(self) -> None:
+        """At the first call of a generation: refuse a cache stacked since, and start the trace afresh."""
+        key = ("clock", self.clock.generation) if self.clock is not None else (id(self), self._generation)
+        if key == self._started:
+            return
+        foreign = foreign_cache_hooks(self.module)
+        if foreign:
+            raise ValueError(
+                f"Another cache was applied on top of BWCache ({', '.join(foreign[:3])}); two caches cannot share "
+                "one transformer. Remove one of them (bwcache.remove_bwcache(...) or transformer.disable_cache())."
+            )
+        self._started = key
+        if self.config.record_trace:
+            self.trace.start_generation(key)
 
     def _end_step(self, state: BWCacheState, branch_name: str) -> None:
-        config = self.config
-        step = state.step
-
-        distances = {}
-        measured = {}
-        pending = list(state.step_distances.values()) + list(state.step_measured.values())
-        if pending:
-            # One host sync per step for all distances.
-            device = next((v.device for v in pending if isinstance(v, torch.Tensor)), None)
-            values = torch.stack(
-                [torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in pending]
-            ).tolist()
-            distances = dict(zip(state.step_distances, values[: len(state.step_distances)]))
-            measured = dict(zip(state.step_measured, values[len(state.step_distances) :]))
+        distances, measured = _host_values(state.step_distances, state.step_measured)
         state.step_distances = {}
         state.step_measured = {}
-
-        if config.mode == "paper":
-            # Mean over the indicator blocks that ran this step (a forward may leave some blocks out).
-            values = [distances[i] for i in self.indicator_blocks if i in distances]
-            indicator = sum(values) / len(values) if values else None
-            if state.computed_step and state.schedule is None and indicator is not None and step >= 1:
-                if indicator < config.threshold:
-                    state.trigger_step = step
-                    state.schedule = paper_schedule(step, state.num_steps, state.reuse_interval, config.tail_fraction)
-                    # No indicator work after the trigger: the stored features are no longer needed.
-                    state.features = [None] * len(self.blocks)
-            if state.computed_step and state.schedule is None:
-                # No trigger: the next step is computed, so this step's residual would never be read.
-                state.chain_start = None
-                state.residuals = {}
-            reused_blocks = set() if state.computed_step else set(range(len(self.blocks)))
-            trigger = state.trigger_step
-        else:
-            values = {**distances, **measured}
-            indicator = sum(values.values()) / len(values) if values else None
-            reused_blocks = state.step_reused
-            if reused_blocks and state.first_reuse_step is None:
-                state.first_reuse_step = step
-            trigger = state.first_reuse_step
+        outcome = self.policy.close_step(state, distances, measured)
+        if not self.policy.keeps_features(state):
+            state.features = [None] * len(self.blocks)
+            state.feature_norms = [None] * len(self.blocks)
+        if state.computed_step and not self.policy.keeps_residuals(state):
+            state.chain_start = None
+            state.residuals = {}
         self._close_chain(state)
         state.last_output = None
 
-        if config.record_trace:
-            self.trace.held_bytes_peak = max(self.trace.held_bytes_peak, self._held_bytes())
+        if self.config.record_trace:
+            self.trace.note_held(self.expert, self._held_bytes())
             branch = self.trace.branch(branch_name)
-            branch.indicator[step] = indicator
+            step = self._step_offset() + state.step
+            branch.indicator[step] = outcome.indicator
             for i, value in distances.items():
                 branch.distance[step][i] = value
-            for i in reused_blocks:
+            for i in outcome.reused_blocks:
                 branch.reused[step][i] = True
-            branch.trigger_step = trigger
+            trigger = None if outcome.trigger_step is None else self._step_offset() + outcome.trigger_step
+            branch.set_trigger(self.expert, trigger)
 
     def _held_bytes(self) -> int:
         """Bytes of the residuals and features every branch holds now (each storage counted once)."""
@@ -331,114 +399,111 @@ class BWCacheHook(ModelHook):
             return float(value.detach().flatten()[0]) if value.numel() else None
         return float(value) if isinstance(value, (int, float)) else None
 
-    # -- blocks -----------------------------------------------------------------------------------------------
+    # -- blocks (called by the block hooks, outside any compiled graph) ---------------------------------------
 
-    def run_block(self, spec: BlockSpec, state: BWCacheState, forward, args, kwargs):
-        hidden_states, encoder_hidden_states = _block_inputs(spec, args, kwargs)
-        if self.config.mode == "paper":
-            return self._paper_block(spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states)
-        return self._blockwise_block(spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states)
-
-    def _paper_block(self, spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states):
+    @torch.compiler.disable
+    def before_block(self, spec: BlockSpec, args, kwargs):
+        """The block's output when it is reused; `None` when it must run (after `after_block` is owed a call)."""
+        state = self.active
+        if state is None:
+            return None
         i = spec.index
+        hidden_states, encoder_hidden_states = _block_inputs(spec, args, kwargs)
+        plan = self.policy.measure(state, i, i in state.residuals)
         if not state.computed_step:
-            chained = self._is_chained(spec, state, hidden_states, encoder_hidden_states)
-            if chained != (not state.chain_heads[i]):
-                raise RuntimeError(
-                    f"Block {spec.name} is fed differently than at the last computed step; BWCache cannot reuse it."
-                )
-            if state.chain_heads[i]:
-                residual_hs, residual_ehs = state.residuals[i]
-                hidden_states = hidden_states + residual_hs
-                if residual_ehs is not None:
-                    encoder_hidden_states = encoder_hidden_states + residual_ehs
-            state.last_output = (hidden_states, encoder_hidden_states)
-            return _pack(spec, state.output_arity[i], hidden_states, encoder_hidden_states)
+            return self._reuse_chain(spec, state, hidden_states, encoder_hidden_states)
 
-        if state.schedule is None and i in self.indicator_blocks:
-            features = _strided(hidden_states, self.config.indicator_token_stride)
-            previous = state.features[i]
-            if previous is not None:
-                state.step_distances[i] = relative_l1(features, previous)
-            state.features[i] = _stored(features, self.config.indicator_token_stride, self.cache_dtype)
-        return self._compute_block(spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states)
-
-    def _blockwise_block(self, spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states):
-        config, i = self.config, spec.index
-        if i not in self.indicator_blocks:
-            return self._compute_block(
-                spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states, keep_residual=False
-            )
-
-        stride = config.indicator_token_stride
-        may_reuse = (
-            state.reuse_window and i in state.residuals and state.consecutive[i] < state.reuse_interval
-        )
-        # The distance is measured only where it decides (at threshold 0, everywhere: the full distance map).
-        observe = config.threshold == 0
         features = None
-        if state.features[i] is not None and (may_reuse or observe):
+        if plan.measure:
+            stride = self.config.indicator_token_stride
             features = _strided(hidden_states, stride)
-            if state.feature_norms[i] is None:
-                state.feature_norms[i] = l1_norm(state.features[i])
-            distance = relative_l1(features, state.features[i], state.feature_norms[i])
-            if config.accumulate_distance:
-                distance = state.accumulated[i] + distance
-            if may_reuse and _below(distance, config.threshold):
-                state.step_measured[i] = distance
-                state.step_reused.add(i)
-                state.consecutive[i] += 1
-                if config.accumulate_distance:
-                    state.accumulated[i] = distance
-                    self._keep_features(state, i, features)
-                residual_hs, residual_ehs = state.residuals[i]
-                hidden_states = hidden_states + residual_hs
-                if residual_ehs is not None:
-                    encoder_hidden_states = encoder_hidden_states + residual_ehs
-                return _pack(spec, state.output_arity[i], hidden_states, encoder_hidden_states)
-            state.step_distances[i] = distance
+            reference = state.features[i]
+            if reference is not None:
+                if state.feature_norms[i] is None:
+                    state.feature_norms[i] = l1_norm(reference)
+                distance = self.policy.distance(state, i, relative_l1(features, reference, state.feature_norms[i]))
+                if plan.may_reuse and self.policy.decide(state, i, float(distance)):
+                    state.step_measured[i] = distance
+                    state.step_reused.add(i)
+                    if self.config.accumulate_distance:
+                        self._keep_features(state, i, features)
+                    return self._reuse_block(spec, state, hidden_states, encoder_hidden_states)
+                state.step_distances[i] = distance
+            if self.config.mode == "paper":
+                self._keep_features(state, i, features)
 
-        if state.need_residuals or observe:
-            self._keep_features(state, i, _strided(hidden_states, stride) if features is None else features)
+        if self.config.mode == "blockwise":
+            if plan.keep:
+                self._keep_features(state, i, features if features is not None else
+                                    _strided(hidden_states, self.config.indicator_token_stride))
+            elif i in self.policy.indicator_blocks:
+                # No later step can reuse this block.
+                state.features[i] = state.feature_norms[i] = None
+                state.residuals.pop(i, None)
+            self.policy.block_computed(state, i)
+            state.chain_heads[i] = True
+            state.last_output = None
+            keep_residual = plan.keep and i in self.policy.indicator_blocks and state.need_residuals
         else:
-            # No later step can reuse this block.
-            state.features[i] = state.feature_norms[i] = None
-            state.residuals.pop(i, None)
-        state.consecutive[i] = 0
-        state.accumulated[i] = 0.0
-        # Each block is its own chain here: its residual is its own.
-        state.chain_heads[i] = True
-        state.last_output = None
-        return self._compute_block(spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states)
+            keep_residual = state.need_residuals
+        self._open_chain(spec, state, hidden_states, encoder_hidden_states, keep_residual)
+        return None
+
+    @torch.compiler.disable
+    def after_block(self, spec: BlockSpec, output) -> None:
+        state = self.active
+        if state is None:
+            return
+        i = spec.index
+        state.output_arity[i] = len(output) if isinstance(output, (tuple, list)) else None
+        state.last_output = _block_outputs(spec, output)
+        if state.keep_residual and self.config.mode == "blockwise":
+            self._close_chain(state)
+
+    def _reuse_chain(self, spec, state, hidden_states, encoder_hidden_states):
+        """Paper mode's reused step: the chain's first block adds the chain's residual, the others pass through."""
+        i = spec.index
+        chained = self._is_chained(spec, state, hidden_states, encoder_hidden_states)
+        if chained != (not state.chain_heads[i]):
+            raise RuntimeError(
+                f"Block {spec.name} is fed differently than at the last computed step; BWCache cannot reuse it."
+            )
+        if state.chain_heads[i]:
+            return self._reuse_block(spec, state, hidden_states, encoder_hidden_states, remember=True)
+        state.last_output = (hidden_states, encoder_hidden_states)
+        return _pack(spec, state.output_arity[i], hidden_states, encoder_hidden_states)
+
+    def _reuse_block(self, spec, state, hidden_states, encoder_hidden_states, remember=False):
+        residual_hs, residual_ehs = state.residuals[spec.index]
+        hidden_states = hidden_states + residual_hs
+        if residual_ehs is not None:
+            encoder_hidden_states = encoder_hidden_states + residual_ehs
+        if remember:
+            state.last_output = (hidden_states, encoder_hidden_states)
+        return _pack(spec, state.output_arity[spec.index], hidden_states, encoder_hidden_states)
 
     def _keep_features(self, state: BWCacheState, i: int, features: torch.Tensor) -> None:
         state.features[i] = _stored(features, self.config.indicator_token_stride, self.cache_dtype)
         state.feature_norms[i] = None
 
-    def _compute_block(
-        self, spec, state, forward, args, kwargs, hidden_states, encoder_hidden_states, keep_residual=True
-    ):
+    def _open_chain(self, spec, state, hidden_states, encoder_hidden_states, keep_residual: bool) -> None:
+        """Before a computed block: start a new chain at it, or extend the open one, when its residual is kept."""
         i = spec.index
-        keep_residual = keep_residual and state.need_residuals
-        if keep_residual:
-            chained = self.config.mode == "paper" and self._is_chained(spec, state, hidden_states, encoder_hidden_states)
-            if not chained:
-                self._close_chain(state)
-                # The chain is recomputed now: its old residual is stale, and freeing it first lowers the peak.
-                state.residuals.pop(i, None)
-                start_hs = hidden_states
-                if self.config.mode == "paper":
-                    # The chain's input is held while the chain runs; a compact copy lets the model free its own.
-                    # (The text stream's is kept as is: whether a chain changed it is told by identity.)
-                    start_hs = _compact(hidden_states, self.cache_dtype)
-                state.chain_start = (i, start_hs, encoder_hidden_states if spec.has_encoder_stream else None)
-            state.chain_heads[i] = not chained
-        output = forward(*args, **kwargs)
-        state.output_arity[i] = len(output) if isinstance(output, (tuple, list)) else None
-        state.last_output = _block_outputs(spec, output)
-        if keep_residual and self.config.mode == "blockwise":
+        state.keep_residual = keep_residual
+        if not keep_residual:
+            return
+        chained = self.config.mode == "paper" and self._is_chained(spec, state, hidden_states, encoder_hidden_states)
+        if not chained:
             self._close_chain(state)
-        return output
+            # The chain is recomputed now: its old residual is stale, and freeing it first lowers the peak.
+            state.residuals.pop(i, None)
+            start_hs = hidden_states
+            if self.config.mode == "paper":
+                # The chain's input is held while the chain runs; a compact copy lets the model free its own.
+                # (The text stream's is kept as is: whether a chain changed it is told by identity.)
+                start_hs = _compact(hidden_states, self.cache_dtype)
+            state.chain_start = (i, start_hs, encoder_hidden_states if spec.has_encoder_stream else None)
+        state.chain_heads[i] = not chained
 
     def _is_chained(self, spec, state, hidden_states, encoder_hidden_states) -> bool:
         """Whether this block is fed exactly what the block before it returned (same objects, both streams)."""
@@ -467,23 +532,35 @@ class BWCacheHook(ModelHook):
 
 
 class BWCacheBlockHook(ModelHook):
-    """The hook on one DiT block: hands the call to the transformer hook's decision logic."""
+    """The hook on one DiT block: asks the transformer's hook whether to reuse, else runs the block.
+
+    Its own frame is skipped by dynamo (`recursive=False`), so a compiled block still compiles its forward, while
+    the decision methods it calls are disabled outright.
+    """
 
     def __init__(self, root: BWCacheHook, spec: BlockSpec):
         super().__init__()
         self.root = root
         self.spec = spec
 
+    @torch.compiler.disable(recursive=False)
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        state = self.root.active
-        if state is None:
-            # Called outside the transformer's forward: nothing to cache against.
-            return self.fn_ref.original_forward(*args, **kwargs)
-        return self.root.run_block(self.spec, state, self.fn_ref.original_forward, args, kwargs)
+        reused = self.root.before_block(self.spec, args, kwargs)
+        if reused is not None:
+            return reused
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        self.root.after_block(self.spec, output)
+        return output
 
 
-def _below(distance, threshold: float) -> bool:
-    return float(distance) < threshold
+def _host_values(distances: dict, measured: dict) -> tuple[dict[int, float], dict[int, float]]:
+    """Both dicts of scalar tensors as floats, in one host sync."""
+    pending = list(distances.values()) + list(measured.values())
+    if not pending:
+        return {}, {}
+    device = next((v.device for v in pending if isinstance(v, torch.Tensor)), None)
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in pending]).tolist()
+    return dict(zip(distances, values[: len(distances)])), dict(zip(measured, values[len(distances) :]))
 
 
 def _block_inputs(spec: BlockSpec, args, kwargs):
@@ -521,132 +598,3 @@ def _pack(spec: BlockSpec, arity: int | None, hidden_states, encoder_hidden_stat
     return tuple(output)
 
 
-class BWCacheHandle:
-    """What `apply_bwcache` returns: the trace of the last generation, a summary, reset and removal."""
-
-    def __init__(self, transformer: torch.nn.Module, hook: BWCacheHook):
-        self.transformer = transformer
-        self._hook = hook
-
-    @property
-    def config(self) -> BWCacheConfig:
-        return self._hook.config
-
-    @property
-    def trace(self) -> Trace:
-        return self._hook.trace
-
-    @property
-    def block_names(self) -> list[str]:
-        return [b.name for b in self._hook.blocks]
-
-    def summary(self) -> str:
-        return self.trace.summary()
-
-    def reset(self) -> None:
-        """Forget all cached state and the trace, as before the first generation."""
-        self._hook.reset_state(self.transformer)
-        self.trace.clear()
-
-    def remove(self) -> None:
-        remove_bwcache(self.transformer)
-
-    def __repr__(self) -> str:
-        return f"BWCacheHandle({type(unwrap_module(self.transformer)).__name__}, {self.config})"
-
-
-def _resolve_transformer(transformer_or_pipeline) -> torch.nn.Module:
-    if isinstance(transformer_or_pipeline, torch.nn.Module):
-        return transformer_or_pipeline
-    transformer = getattr(transformer_or_pipeline, "transformer", None)
-    if isinstance(transformer, torch.nn.Module):
-        return transformer
-    raise TypeError(
-        f"apply_bwcache expects a transformer (torch.nn.Module) or a pipeline with a .transformer, "
-        f"got {type(transformer_or_pipeline).__name__}."
-    )
-
-
-def _foreign_cache_hooks(module: torch.nn.Module) -> list[str]:
-    found = []
-    for name, submodule in unwrap_module(module).named_modules():
-        registry = getattr(submodule, "_diffusers_hook", None)
-        if registry is None:
-            continue
-        for hook_name, hook in registry.hooks.items():
-            if type(hook).__module__ in _DIFFUSERS_CACHE_MODULES:
-                found.append(f"{hook_name} on {name or 'the transformer'}")
-    return found
-
-
-def apply_bwcache(transformer: torch.nn.Module, config: BWCacheConfig | None = None) -> BWCacheHandle:
-    """Enable BWCache on a diffusers video transformer (or a pipeline's `.transformer`).
-
-    Example:
-        ```python
-        >>> from bwcache import BWCacheConfig, apply_bwcache
-        >>> handle = apply_bwcache(pipe.transformer, BWCacheConfig(threshold=0.15))
-        >>> video = pipe(prompt, num_inference_steps=30).frames[0]
-        >>> print(handle.summary())
-        ```
-    """
-    transformer = _resolve_transformer(transformer)
-    config = BWCacheConfig() if config is None else config
-    if not isinstance(config, BWCacheConfig):
-        raise TypeError(f"config must be a BWCacheConfig, got {type(config).__name__}.")
-    model_name = type(unwrap_module(transformer)).__name__
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    if registry.get_hook(_BWCACHE_ROOT_HOOK) is not None:
-        raise ValueError(
-            f"BWCache is already applied to this {model_name}; call bwcache.remove_bwcache(transformer) first."
-        )
-    if getattr(transformer, "is_cache_enabled", False):
-        raise ValueError(
-            f"This {model_name} already has a diffusers cache enabled ({type(transformer._cache_config).__name__}); "
-            "call transformer.disable_cache() before applying BWCache."
-        )
-    foreign = _foreign_cache_hooks(transformer)
-    if foreign:
-        raise ValueError(
-            f"This {model_name} already has diffusers cache hooks ({', '.join(foreign[:3])}"
-            f"{', …' if len(foreign) > 3 else ''}); remove them before applying BWCache."
-        )
-
-    blocks = find_blocks(transformer)
-    hook = BWCacheHook(config, blocks, model_name)
-    hooked = []
-    try:
-        for spec in blocks:
-            HookRegistry.check_if_exists_or_initialize(spec.module).register_hook(
-                BWCacheBlockHook(hook, spec), _BWCACHE_BLOCK_HOOK
-            )
-            hooked.append(spec.module)
-        registry.register_hook(hook, _BWCACHE_ROOT_HOOK)
-    except Exception:
-        for module in hooked:
-            module._diffusers_hook.remove_hook(_BWCACHE_BLOCK_HOOK, recurse=False)
-        raise
-    finally:
-        # A cache_context entered earlier caches the list of child registries; the new block hooks must be seen.
-        registry.invalidate_child_registries_cache()
-    return BWCacheHandle(transformer, hook)
-
-
-def remove_bwcache(transformer: torch.nn.Module) -> None:
-    """Remove BWCache from a transformer (or a pipeline's `.transformer`); its forward is the original again."""
-    transformer = _resolve_transformer(transformer)
-    registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is None or registry.get_hook(_BWCACHE_ROOT_HOOK) is None:
-        raise ValueError(f"BWCache is not applied to this {type(unwrap_module(transformer)).__name__}.")
-    registry.get_hook(_BWCACHE_ROOT_HOOK).state_manager.reset()
-    registry.remove_hook(_BWCACHE_ROOT_HOOK, recurse=False)
-    registry.remove_hook(_BWCACHE_BLOCK_HOOK, recurse=True)
-    registry.invalidate_child_registries_cache()
-
-
-def get_bwcache_handle(transformer: torch.nn.Module) -> BWCacheHandle | None:
-    """The handle of the BWCache applied to `transformer`, or `None`."""
-    transformer = _resolve_transformer(transformer)
-    registry = getattr(transformer, "_diffusers_hook", None)
-    hook = registry.get_hook(_BWCACHE_ROOT_HOOK) if registry is not None else None
-    return BWCacheHandle(transformer, hook) if hook is not None else None

@@ -21,7 +21,7 @@ from . import __name__ as _package
 from . import peers
 from .blocks import find_blocks
 from .config import BWCacheConfig
-from .hooks import apply_bwcache, remove_bwcache
+from .apply import cached
 from .metrics import compare_videos
 from .pipelines import call_kwargs, default_device, device_name, get_pipeline
 from .presets import Preset, load_preset
@@ -142,11 +142,8 @@ def _traced_warmup(pipe, preset, settings, device, report, measure_blocks=True):
     # The timer goes on first, so it sits inside BWCache's block hooks: the cache's own work is not block time.
     timer = block_timer(pipe.transformer, device) if measure_blocks else None
     try:
-        handle = apply_bwcache(pipe.transformer, BWCacheConfig(threshold=0.0, num_inference_steps=settings["num_inference_steps"]))
-        try:
+        with cached(pipe, BWCacheConfig(threshold=0.0)) as handle:
             frames, seconds = generate(pipe, preset, settings, device, report)
-        finally:
-            remove_bwcache(pipe.transformer)
     finally:
         if timer is not None:
             timer.remove()
@@ -157,29 +154,49 @@ def _traced_warmup(pipe, preset, settings, device, report, measure_blocks=True):
 class ForwardTimer:
     """Wall-clock time spent in some modules' forward (synchronised on GPU), summed over the modules.
 
-    Each module gets a diffusers hook. Hooks registered later (BWCache's) wrap it, so their work is not counted;
-    hooks registered earlier are. Remove hooks in the reverse order: diffusers unwinds a module's hooks from the
-    outermost.
+    Each module gets a diffusers hook on its forward. Hooks registered later (BWCache's) wrap it, so their work is
+    not counted; hooks registered earlier are. Remove hooks in the reverse order: diffusers unwinds a module's
+    hooks from the outermost. With `around_call`, the timer sits around the whole module call instead (torch's
+    own module hooks, before and after every other), so it also counts work done in other module hooks.
     """
 
-    def __init__(self, modules, device: str):
+    def __init__(self, modules, device: str, around_call: bool = False):
         self.seconds = 0.0
         self.calls = 0
         self.device = device
         self._name = f"bwcache_timer_{id(self)}"
         self._modules = []
+        self._handles = []
         try:
             for module in modules:
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(_TimedForward(self), self._name)
-                self._modules.append(module)
+                if around_call:
+                    self._handles += [
+                        module.register_forward_pre_hook(self._start, prepend=True),
+                        module.register_forward_hook(self._stop, always_call=True),
+                    ]
+                else:
+                    HookRegistry.check_if_exists_or_initialize(module).register_hook(_TimedForward(self), self._name)
+                    self._modules.append(module)
         except Exception:
             self.remove()
             raise
 
+    def _start(self, module, args) -> None:
+        _synchronize(self.device)
+        self._started = time.perf_counter()
+
+    def _stop(self, module, args, output) -> None:
+        _synchronize(self.device)
+        self.seconds += time.perf_counter() - self._started
+        self.calls += 1
+
     def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
         for module in self._modules:
             module._diffusers_hook.remove_hook(self._name, recurse=False)
         self._modules = []
+        self._handles = []
 
 
 class _TimedForward(ModelHook):
@@ -263,11 +280,8 @@ def run_comparison(
     stages = _Stages(progress, names, steps)
     baseline_trace, warm_frames, block_share = _traced_warmup(pipe, preset, settings, device, stages.reporter(0))
     baseline_frames, baseline_seconds = generate(pipe, preset, settings, device, stages.reporter(1))
-    handle = apply_bwcache(pipe.transformer, config)
-    try:
+    with cached(pipe, config) as handle:
         cached_frames, cached_seconds = generate(pipe, preset, settings, device, stages.reporter(2))
-    finally:
-        remove_bwcache(pipe.transformer)
     trace = handle.trace.to_dict()
     peer_entry, peer_frames = None, None
     if compare_with is not None:
@@ -386,11 +400,8 @@ def run_sweep(
     rows = []
     for k, delta in enumerate(thresholds):
         config = resolve_config(preset, steps, threshold=delta, **cache_overrides)
-        handle = apply_bwcache(pipe.transformer, config)
-        try:
+        with cached(pipe, config) as handle:
             frames, seconds = generate(pipe, preset, settings, device, stages.reporter(k + 2))
-        finally:
-            remove_bwcache(pipe.transformer)
         reuse = handle.trace.reuse_fraction
         rows.append(
             {

@@ -14,7 +14,16 @@ class BranchTrace:
         self.distance: list[list[float | None]] = []
         self.reused: list[list[bool]] = []
         self.timesteps: list[float | None] = []
+        # Which transformer took each step (`None` where the pipeline has one): Wan2.2's experts split the steps.
+        self.experts: list[str | None] = []
         self.trigger_step: int | None = None
+        # Per expert, its trigger step (paper mode) or first reuse (block-wise mode).
+        self.triggers: dict[str | None, int | None] = {}
+
+    def set_trigger(self, expert: str | None, step: int | None) -> None:
+        self.triggers[expert] = step
+        found = [s for s in self.triggers.values() if s is not None]
+        self.trigger_step = min(found) if found else None
 
     def ensure_step(self, step: int) -> None:
         while len(self.indicator) <= step:
@@ -22,6 +31,7 @@ class BranchTrace:
             self.distance.append([None] * self.num_blocks)
             self.reused.append([False] * self.num_blocks)
             self.timesteps.append(None)
+            self.experts.append(None)
 
     @property
     def num_steps(self) -> int:
@@ -32,13 +42,17 @@ class BranchTrace:
         return sum(sum(row) for row in self.reused)
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "indicator": list(self.indicator),
             "distance": [list(row) for row in self.distance],
             "reused": [list(row) for row in self.reused],
             "trigger_step": self.trigger_step,
             "timesteps": list(self.timesteps),
         }
+        if any(expert is not None for expert in self.experts):
+            data["experts"] = list(self.experts)
+            data["triggers"] = {name: step for name, step in self.triggers.items() if name is not None}
+        return data
 
 
 class Trace:
@@ -51,6 +65,8 @@ class Trace:
         self.branches: dict[str, BranchTrace] = {}
         # The most bytes of cached residuals and features held at the end of a transformer call, all branches.
         self.held_bytes_peak = 0
+        self._held: dict[str | None, int] = {}
+        self.generation = None
 
     @property
     def num_blocks(self) -> int:
@@ -59,6 +75,18 @@ class Trace:
     def clear(self) -> None:
         self.branches = {}
         self.held_bytes_peak = 0
+        self._held = {}
+
+    def start_generation(self, key) -> None:
+        """Start afresh when `key` names another generation than the one recorded."""
+        if key != self.generation:
+            self.clear()
+            self.generation = key
+
+    def note_held(self, expert: str | None, nbytes: int) -> None:
+        """What one transformer's cache holds now; the peak is over all transformers together."""
+        self._held[expert] = nbytes
+        self.held_bytes_peak = max(self.held_bytes_peak, sum(self._held.values()))
 
     def branch(self, name: str) -> BranchTrace:
         if name not in self.branches:
@@ -106,19 +134,18 @@ def summarize(trace_dict: dict) -> str:
         lines.append("  no denoising step recorded yet")
         return "\n".join(lines)
     skipped = total = 0
-    width = max(len(name) for name in trace_dict["branches"])
-    for name, branch in trace_dict["branches"].items():
-        steps = len(branch["indicator"])
-        reused = sum(sum(row) for row in branch["reused"])
-        reused_steps = sum(all(row) for row in branch["reused"]) if num_blocks else 0
-        cells = steps * num_blocks
+    rows = list(_summary_rows(trace_dict))
+    width = max(len(label) for label, *_ in rows)
+    for label, trigger, reused_rows, steps in rows:
+        reused = sum(sum(row) for row in reused_rows)
+        reused_steps = sum(all(row) for row in reused_rows) if num_blocks else 0
+        cells = len(reused_rows) * num_blocks
         skipped += reused
         total += cells
-        trigger = branch["trigger_step"]
         trigger_text = "no trigger" if trigger is None else f"trigger at step {trigger}"
         share = reused / cells if cells else 0.0
         lines.append(
-            f"  {name:<{width}}  {trigger_text}; {reused_steps}/{steps} steps fully reused; "
+            f"  {label:<{width}}  {trigger_text}; {reused_steps}/{steps} steps fully reused; "
             f"{reused}/{cells} block evaluations skipped ({share:.1%})"
         )
     lines.append(f"  overall: {skipped / total if total else 0.0:.1%} of block evaluations skipped")
@@ -126,6 +153,21 @@ def summarize(trace_dict: dict) -> str:
     if held:
         lines.append(f"  cache memory: {held}")
     return "\n".join(lines)
+
+
+def _summary_rows(trace_dict: dict):
+    """(label, trigger, reuse rows, step count) per branch, or per expert and branch where experts split the steps."""
+    for name, branch in trace_dict["branches"].items():
+        experts = branch.get("experts")
+        if not experts:
+            yield name, branch["trigger_step"], branch["reused"], len(branch["indicator"])
+            continue
+        for expert in dict.fromkeys(e for e in experts if e is not None):
+            steps = [s for s, e in enumerate(experts) if e == expert]
+            rows = [branch["reused"][s] for s in steps]
+            label = f"{expert}/{name}"
+            trigger = branch.get("triggers", {}).get(expert)
+            yield f"{label} (steps {steps[0]}–{steps[-1]})", trigger, rows, len(steps)
 
 
 def held_memory_text(trace_dict: dict) -> str | None:

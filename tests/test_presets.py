@@ -15,6 +15,8 @@ PRESET_FILES = sorted(PRESETS_DIR.glob("*.json"))
 MODEL_PRESETS = {
     "wan2.1-t2v-1.3b": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "WanPipeline"),
     "wan2.1-t2v-14b": ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "WanPipeline"),
+    "wan2.2-t2v-a14b": ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "WanPipeline"),
+    "wan2.2-ti2v-5b": ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "WanPipeline"),
     "hunyuanvideo": ("hunyuanvideo-community/HunyuanVideo", "HunyuanVideoPipeline"),
     "cogvideox-2b": ("THUDM/CogVideoX-2b", "CogVideoXPipeline"),
     "cogvideox-5b": ("THUDM/CogVideoX-5b", "CogVideoXPipeline"),
@@ -76,11 +78,13 @@ def test_model_presets_present_with_hub_ids_and_classes():
         assert p.dtype in ("bfloat16", "float16", "float32")
         assert p.bwcache["threshold"] == 0.15 and p.notes
     assert load_preset("wan2.1-t2v-14b").bwcache["indicator_blocks"] == "every_other"
+    assert load_preset("wan2.2-t2v-a14b").bwcache["indicator_blocks"] == "every_other"
     assert load_preset("hunyuanvideo").bwcache["indicator_blocks"] == "every_other"
 
 
 def test_frame_rules_match_the_models():
-    expect = {"wan2.1-t2v-1.3b": "4k+1", "wan2.1-t2v-14b": "4k+1", "hunyuanvideo": "4k+1",
+    expect = {"wan2.1-t2v-1.3b": "4k+1", "wan2.1-t2v-14b": "4k+1", "wan2.2-t2v-a14b": "4k+1", "wan2.2-ti2v-5b": "4k+1",
+              "hunyuanvideo": "4k+1",
               "cogvideox-2b": "8k+1", "cogvideox-5b": "8k+1", "ltx-video": "8k+1"}
     for name, rule in expect.items():
         assert load_preset(name).limits["num_frames"][2] == rule
@@ -145,6 +149,8 @@ def test_validation_accepts_whole_floats_and_fixed_frame_counts():
     ltx = load_preset("ltx-video")
     with pytest.raises(ValueError, match="multiple of 32"):
         ltx.validate_request(height=496)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        load_preset("wan2.2-ti2v-5b").validate_request(width=848)  # the Wan2.2 VAE's 16x times the 2x2 patch
 
 
 def test_loading_reports_missing_keys_with_file_and_key(tmp_path):

@@ -38,6 +38,52 @@ def build_wan_pipeline(num_layers: int = 3) -> WanPipeline:
     return pipe
 
 
+def _tiny_transformer(num_layers: int, channels: int = 16) -> WanTransformer3DModel:
+    """The same tiny transformer config as build_wan_pipeline's, with `channels` latent channels in and out."""
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=channels, out_channels=channels,
+        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=num_layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+
+
+def build_wan22_pipeline(num_layers: int = 3, boundary_ratio: float = 0.875) -> WanPipeline:
+    """Wan2.2 A14B in miniature: a stock WanPipeline with two experts of different random weights.
+
+    `transformer` runs the steps whose timestep is >= boundary_ratio * 1000 (high noise), `transformer_2` the rest.
+    With FlowMatchEulerDiscreteScheduler(shift=5.0) and 6 steps the timesteps are 1000, 952.7, 883.2, 771.4, 561.6,
+    24.4: at 0.875 the switch comes at step 3 (steps 0-2 run `transformer`, steps 3-5 `transformer_2`).
+    """
+    base = build_wan_pipeline(num_layers)  # the VAE and the first expert, built under seed 0 exactly as there
+    torch.manual_seed(1)
+    transformer_2 = _tiny_transformer(num_layers)
+    pipe = WanPipeline(
+        tokenizer=None, text_encoder=None, transformer=base.transformer, transformer_2=transformer_2, vae=base.vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), boundary_ratio=boundary_ratio,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_wan22_ti2v_pipeline(num_layers: int = 3) -> WanPipeline:
+    """Wan2.2 TI2V-5B in miniature: a stock WanPipeline with expand_timesteps=True (one timestep per token),
+    one transformer with 48 latent channels and a tiny Wan2.2 VAE (residual blocks, 2x2 patchify, z_dim 48,
+    16x spatial compression: sizes must be multiples of 32). The VAE config is diffusers' own Wan2.2-5B test VAE."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+        latents_mean=[0.0] * 48, latents_std=[1.0] * 48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        scale_factor_spatial=16, scale_factor_temporal=4, temperal_downsample=[False, True, True],
+    )
+    transformer = _tiny_transformer(num_layers, channels=48)
+    pipe = WanPipeline(
+        tokenizer=None, text_encoder=None, transformer=transformer, vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), expand_timesteps=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 class PromptEmbeddingWanPipeline(WanPipeline):
     """WanPipeline whose prompts are embedded by a tiny table instead of UMT5, so `prompt=` works offline."""
 

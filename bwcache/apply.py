@@ -1,0 +1,233 @@
+"""The public surface: `apply_bwcache`, `remove_bwcache`, `cached`, and the handle they give."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from diffusers.hooks.hooks import HookRegistry
+from diffusers.utils.torch_utils import unwrap_module
+
+from .blocks import find_blocks
+from .clock import PipelineClock, pipeline_experts
+from .config import BWCacheConfig
+from .hooks import BWCacheBlockHook, BWCacheHook
+from .stacking import guard_enable_cache, refuse_foreign, release_enable_cache
+from .trace import Trace
+
+_BWCACHE_ROOT_HOOK = "bwcache_root_hook"
+_BWCACHE_BLOCK_HOOK = "bwcache_block_hook"
+
+
+class BWCacheHandle:
+    """What `apply_bwcache` returns: the trace of the last generation, a summary, reset and removal."""
+
+    def __init__(self, target, hooks: list[BWCacheHook], trace: Trace):
+        self.target = target
+        self.hooks = hooks
+        self.trace_ = trace
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The (first) cached transformer."""
+        return self.hooks[0].module
+
+    @property
+    def transformers(self) -> dict[str | None, torch.nn.Module]:
+        """Every cached transformer, by its component name (`None` when a transformer was given alone)."""
+        return {hook.expert: hook.module for hook in self.hooks}
+
+    @property
+    def _hook(self) -> BWCacheHook:
+        return self.hooks[0]
+
+    @property
+    def config(self) -> BWCacheConfig:
+        return self.hooks[0].config
+
+    @property
+    def trace(self) -> Trace:
+        return self.trace_
+
+    @property
+    def block_names(self) -> list[str]:
+        return list(self.trace_.block_names)
+
+    def summary(self) -> str:
+        return self.trace_.summary()
+
+    def reset(self) -> None:
+        """Forget all cached state and the trace, as before the first generation."""
+        for hook in self.hooks:
+            hook.reset_state(hook.module)
+        self.trace_.clear()
+        self.trace_.generation = None
+
+    def remove(self) -> None:
+        """Remove BWCache from every transformer it was applied to; their forwards are the original again."""
+        for hook in self.hooks:
+            if _root_hook(hook.module) is hook:
+                _detach(hook.module)
+
+    def __enter__(self) -> "BWCacheHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        models = ", ".join(f"{name}={type(unwrap_module(m)).__name__}" if name else type(unwrap_module(m)).__name__
+                           for name, m in self.transformers.items())
+        return f"BWCacheHandle({models}, {self.config})"
+
+
+def _targets(transformer_or_pipeline) -> tuple[list[tuple[str | None, torch.nn.Module]], object | None]:
+    """The transformers to cache, by component name, and the pipeline when one was given."""
+    if isinstance(transformer_or_pipeline, torch.nn.Module):
+        return [(None, transformer_or_pipeline)], None
+    experts = pipeline_experts(transformer_or_pipeline)
+    if not experts:
+        raise TypeError(
+            f"apply_bwcache expects a transformer (torch.nn.Module) or a pipeline with a .transformer, "
+            f"got {type(transformer_or_pipeline).__name__}."
+        )
+    if len(experts) == 1:
+        return [(None, experts[0][1])], transformer_or_pipeline
+    return experts, transformer_or_pipeline
+
+
+def _root_hook(module: torch.nn.Module) -> BWCacheHook | None:
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry.get_hook(_BWCACHE_ROOT_HOOK) if registry is not None else None
+
+
+def apply_bwcache(transformer_or_pipeline, config: BWCacheConfig | None = None) -> BWCacheHandle:
+    """Enable BWCache on a diffusers pipeline's denoiser(s), or on one video transformer.
+
+    Given a pipeline, every denoiser is cached (`transformer`, and `transformer_2` on Wan2.2's two-expert
+    pipelines, each with its own state), and the step count and the start of each generation are read from the
+    pipeline's scheduler, so any pipeline works without naming its step count, and a call that ended early (an
+    exception, a cancel) never leaks into the next. Given a transformer alone, the step count comes from the
+    pipeline's cache context or `config.num_inference_steps`.
+
+    Example:
+        ```python
+        >>> from bwcache import BWCacheConfig, apply_bwcache
+        >>> handle = apply_bwcache(pipe, BWCacheConfig(threshold=0.15))
+        >>> video = pipe(prompt, num_inference_steps=30).frames[0]
+        >>> print(handle.summary())
+        ```
+    """
+    config = BWCacheConfig() if config is None else config
+    if not isinstance(config, BWCacheConfig):
+        raise TypeError(f"config must be a BWCacheConfig, got {type(config).__name__}.")
+    targets, pipeline = _targets(transformer_or_pipeline)
+    modules = [unwrap_module(module) for _, module in targets]
+    for module in modules:
+        model_name = type(module).__name__
+        if _root_hook(module) is not None:
+            raise ValueError(
+                f"BWCache is already applied to this {model_name}; call bwcache.remove_bwcache(...) first."
+            )
+        refuse_foreign(module, model_name)
+    blocks = [find_blocks(module) for module in modules]
+    if len({len(b) for b in blocks}) > 1:
+        raise ValueError(
+            "BWCache caches a pipeline's experts with one trace, so they must have as many blocks each; got "
+            + ", ".join(f"{name}: {len(b)}" for (name, _), b in zip(targets, blocks))
+            + ". Apply BWCache to each transformer separately."
+        )
+    trace = Trace(config, [b.name for b in blocks[0]], type(modules[0]).__name__)
+    clock = PipelineClock(pipeline) if pipeline is not None else None
+    hooks = []
+    try:
+        for (expert, _), module, specs in zip(targets, modules, blocks):
+            hook = BWCacheHook(config, specs, trace, expert, clock)
+            _attach(module, hook)
+            hooks.append(hook)
+            if clock is not None and expert is not None:
+                clock.hooks[expert] = hook
+    except Exception:
+        for hook in hooks:
+            _detach(hook.module)
+        raise
+    handle = BWCacheHandle(transformer_or_pipeline, hooks, trace)
+    for hook in hooks:
+        hook.handle = handle
+    return handle
+
+
+def _attach(module: torch.nn.Module, hook: BWCacheHook) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    hooked = []
+    try:
+        for spec in hook.blocks:
+            HookRegistry.check_if_exists_or_initialize(spec.module).register_hook(
+                BWCacheBlockHook(hook, spec), _BWCACHE_BLOCK_HOOK
+            )
+            hooked.append(spec.module)
+        registry.register_hook(hook, _BWCACHE_ROOT_HOOK)
+    except Exception:
+        for block in hooked:
+            block._diffusers_hook.remove_hook(_BWCACHE_BLOCK_HOOK, recurse=False)
+        raise
+    finally:
+        # A cache_context entered earlier caches the list of child registries; the new block hooks must be seen.
+        registry.invalidate_child_registries_cache()
+    # Each call is opened and closed by torch's own module hooks: accelerate's offload re-wraps `forward` after
+    # every generation, which would drop a wrapper of ours, but leaves these in place.
+    hook.torch_hooks = (
+        module.register_forward_pre_hook(hook.call_start, with_kwargs=True),
+        module.register_forward_hook(hook.call_end, with_kwargs=True, always_call=True),
+    )
+    guard_enable_cache(module)
+
+
+def _detach(module: torch.nn.Module) -> None:
+    registry = module._diffusers_hook
+    hook = registry.get_hook(_BWCACHE_ROOT_HOOK)
+    hook.state_manager.reset()
+    for torch_hook in getattr(hook, "torch_hooks", ()):
+        torch_hook.remove()
+    registry.remove_hook(_BWCACHE_ROOT_HOOK, recurse=False)
+    registry.remove_hook(_BWCACHE_BLOCK_HOOK, recurse=True)
+    registry.invalidate_child_registries_cache()
+    release_enable_cache(module)
+
+
+def remove_bwcache(transformer_or_pipeline) -> None:
+    """Remove BWCache from a pipeline's denoisers or from one transformer; their forwards are the original again."""
+    targets, _ = _targets(transformer_or_pipeline)
+    applied = [unwrap_module(module) for _, module in targets if _root_hook(unwrap_module(module)) is not None]
+    if not applied:
+        names = ", ".join(type(unwrap_module(module)).__name__ for _, module in targets)
+        raise ValueError(f"BWCache is not applied to this {names}.")
+    for module in applied:
+        _detach(module)
+
+
+def get_bwcache_handle(transformer_or_pipeline) -> BWCacheHandle | None:
+    """The handle of the BWCache applied to a pipeline's denoiser or to a transformer, or `None`."""
+    targets, _ = _targets(transformer_or_pipeline)
+    for _, module in targets:
+        hook = _root_hook(unwrap_module(module))
+        if hook is not None:
+            return hook.handle
+    return None
+
+
+@contextmanager
+def cached(transformer_or_pipeline, config: BWCacheConfig | None = None):
+    """BWCache applied for the duration of a `with` block, and removed however the block ends.
+
+    ```python
+    >>> with bwcache.cached(pipe, BWCacheConfig(threshold=0.15)) as handle:
+    ...     video = pipe(prompt).frames[0]
+    >>> print(handle.summary())
+    ```
+    """
+    handle = apply_bwcache(transformer_or_pipeline, config)
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,181 @@
+"""When to reuse: the decision rules of BWCache's two modes, apart from how reuse is done (`bwcache.hooks`).
+
+A policy reads and updates the decision fields of a branch's state (schedule, trigger, consecutive reuses) and
+answers the hooks' questions at three points of a transformer call:
+
+    plan_step(state)                        at its start: is this a computed step, which residuals are worth keeping
+    measure(state, i, has_residual)         before block i: measure its distance? may it reuse?
+    decide(state, i, distance)              with that distance (block-wise mode): reuse block i?
+    close_step(state, distances)            at its end, with the step's distances as floats: indicator, trigger
+
+The hooks call these through `torch.compiler.disable`d functions, so no decision is ever traced into a compiled
+graph, and the distances a policy sees are the only values it decides on (the one place a multi-process run must
+agree on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import BWCacheConfig
+from .schedule import paper_schedule
+
+
+@dataclass
+class BlockPlan:
+    """What the hooks do before running block i."""
+
+    measure: bool = False
+    may_reuse: bool = False
+    # Keep the block's input as the reference of the next distance, and its residual for a later step.
+    keep: bool = True
+
+
+@dataclass
+class StepOutcome:
+    """What a finished step decided, for the trace."""
+
+    indicator: float | None
+    reused_blocks: set[int] = field(default_factory=set)
+    trigger_step: int | None = None
+
+
+class Policy:
+    """The interface the hooks call; see the module docstring."""
+
+    def __init__(self, config: BWCacheConfig, indicator_blocks: set[int], num_blocks: int):
+        self.config = config
+        self.indicator_blocks = indicator_blocks
+        self.num_blocks = num_blocks
+
+    def plan_step(self, state) -> None:
+        raise NotImplementedError
+
+    def measure(self, state, i: int, has_residual: bool) -> BlockPlan:
+        raise NotImplementedError
+
+    def distance(self, state, i: int, distance):
+        """The distance the decision is made on, from the one just measured."""
+        return distance
+
+    def decide(self, state, i: int, distance: float) -> bool:
+        return False
+
+    def block_computed(self, state, i: int) -> None:
+        """Block i ran this step."""
+
+    def keeps_features(self, state) -> bool:
+        """Whether the stored reference features are still needed after this step."""
+        return True
+
+    def keeps_residuals(self, state) -> bool:
+        """Whether a computed step's residuals are still needed after it."""
+        return True
+
+    def close_step(self, state, distances: dict[int, float], measured: dict[int, float]) -> StepOutcome:
+        raise NotImplementedError
+
+
+class PaperPolicy(Policy):
+    """The published method: one indicator per step triggers a fixed schedule in which a reused step runs no block.
+
+    Step 0 is computed. At each computed step s ≥ 1 before the trigger the indicator is the mean relative-L1
+    distance of the indicator blocks' inputs to the previous step's; the first step k with indicator < δ starts
+    `paper_schedule(k, T, R, tail_fraction)`. After the trigger no distance is measured.
+    """
+
+    def plan_step(self, state) -> None:
+        state.computed_step = state.schedule is None or state.schedule[state.step]
+        state.need_residuals = state.computed_step and self._needs_residuals(state)
+
+    def _needs_residuals(self, state) -> bool:
+        """Whether a later step of this branch may reuse what this computed step produces."""
+        if self.config.threshold == 0:
+            return False
+        step, schedule = state.step, state.schedule
+        if schedule is None:
+            if step < 1:
+                return False
+            # A trigger at this very step would start the schedule from here.
+            schedule = paper_schedule(step, state.num_steps, state.reuse_interval, self.config.tail_fraction)
+        return not all(schedule[step + 1 :])
+
+    def measure(self, state, i: int, has_residual: bool) -> BlockPlan:
+        if not state.computed_step:
+            return BlockPlan(may_reuse=True)
+        return BlockPlan(measure=state.schedule is None and i in self.indicator_blocks)
+
+    def close_step(self, state, distances: dict[int, float], measured: dict[int, float]) -> StepOutcome:
+        config, step = self.config, state.step
+        # Mean over the indicator blocks that ran this step (a forward may leave some blocks out).
+        values = [distances[i] for i in self.indicator_blocks if i in distances]
+        indicator = sum(values) / len(values) if values else None
+        if state.computed_step and state.schedule is None and indicator is not None and step >= 1:
+            if indicator < config.threshold:
+                state.trigger_step = step
+                state.schedule = paper_schedule(step, state.num_steps, state.reuse_interval, config.tail_fraction)
+        reused = set() if state.computed_step else set(range(self.num_blocks))
+        return StepOutcome(indicator, reused, state.trigger_step)
+
+    def keeps_features(self, state) -> bool:
+        """Before the trigger the next step measures against this one; after it, no indicator work is done."""
+        return state.schedule is None
+
+    def keeps_residuals(self, state) -> bool:
+        """Without a trigger the next step is computed, so this step's residual would never be read."""
+        return state.schedule is not None
+
+
+class BlockwisePolicy(Policy):
+    """Each block decides on its own, every step (an extension of the paper).
+
+    Block i reuses its residual at step s when i is an indicator block, `warmup_steps ≤ s < T − tail_steps`, it
+    has a residual, it has reused fewer than R consecutive steps, and its distance (to the input its residual was
+    computed on, or with `accumulate_distance` the sum of step-to-step distances since then) is below δ. The
+    distance is measured only where it decides; at δ = 0 nothing is reused and every distance is measured.
+    """
+
+    def plan_step(self, state) -> None:
+        config, step, T = self.config, state.step, state.num_steps
+        state.computed_step = True
+        state.reuse_window = T is not None and config.warmup_steps <= step < T - config.tail_steps
+        # A residual (and the input it is measured against) is worth keeping only if the next step may reuse it.
+        state.need_residuals = (
+            config.threshold > 0 and T is not None and config.warmup_steps <= step + 1 < T - config.tail_steps
+        )
+
+    def measure(self, state, i: int, has_residual: bool) -> BlockPlan:
+        if i not in self.indicator_blocks:
+            return BlockPlan(keep=False)
+        observe = self.config.threshold == 0
+        may_reuse = state.reuse_window and has_residual and state.consecutive[i] < state.reuse_interval
+        return BlockPlan(measure=may_reuse or observe, may_reuse=may_reuse, keep=state.need_residuals or observe)
+
+    def distance(self, state, i: int, distance):
+        """With `accumulate_distance`, the sum of the distances since block i was last computed."""
+        return state.accumulated[i] + distance if self.config.accumulate_distance else distance
+
+    def decide(self, state, i: int, distance: float) -> bool:
+        if distance >= self.config.threshold:
+            return False
+        state.consecutive[i] += 1
+        if self.config.accumulate_distance:
+            state.accumulated[i] = distance
+        if state.first_reuse_step is None:
+            state.first_reuse_step = state.step
+        return True
+
+    def block_computed(self, state, i: int) -> None:
+        state.consecutive[i] = 0
+        state.accumulated[i] = 0.0
+
+    def close_step(self, state, distances: dict[int, float], measured: dict[int, float]) -> StepOutcome:
+        values = {**distances, **measured}
+        indicator = sum(values.values()) / len(values) if values else None
+        return StepOutcome(indicator, set(state.step_reused), state.first_reuse_step)
+
+
+def make_policy(config: BWCacheConfig, num_blocks: int) -> Policy:
+    indicator_blocks = set(config.resolve_indicator_blocks(num_blocks))
+    policy = PaperPolicy if config.mode == "paper" else BlockwisePolicy
+    return policy(config, indicator_blocks, num_blocks)
