@@ -159,17 +159,19 @@ def apply_bwcache(transformer_or_pipeline, config: BWCacheConfig | None = None) 
 
 def _attach(module: torch.nn.Module, hook: BWCacheHook) -> None:
     registry = HookRegistry.check_if_exists_or_initialize(module)
-    hooked = []
+    # Each module's forward as our hook left it: whatever wraps it later (accelerate's offload) is kept on removal.
+    hook.installed = []
     try:
         for spec in hook.blocks:
             HookRegistry.check_if_exists_or_initialize(spec.module).register_hook(
                 BWCacheBlockHook(hook, spec), _BWCACHE_BLOCK_HOOK
             )
-            hooked.append(spec.module)
+            hook.installed.append((spec.module, _BWCACHE_BLOCK_HOOK, spec.module.forward))
         registry.register_hook(hook, _BWCACHE_ROOT_HOOK)
+        hook.installed.append((module, _BWCACHE_ROOT_HOOK, module.forward))
     except Exception:
-        for block in hooked:
-            block._diffusers_hook.remove_hook(_BWCACHE_BLOCK_HOOK, recurse=False)
+        for block, name, installed in hook.installed:
+            _unhook(block, name, installed)
         raise
     finally:
         # A cache_context entered earlier caches the list of child registries; the new block hooks must be seen.
@@ -189,10 +191,26 @@ def _detach(module: torch.nn.Module) -> None:
     hook.state_manager.reset()
     for torch_hook in getattr(hook, "torch_hooks", ()):
         torch_hook.remove()
-    registry.remove_hook(_BWCACHE_ROOT_HOOK, recurse=False)
-    registry.remove_hook(_BWCACHE_BLOCK_HOOK, recurse=True)
+    for target, name, installed in reversed(hook.installed):
+        _unhook(target, name, installed)
     registry.invalidate_child_registries_cache()
     release_enable_cache(module)
+
+
+def _unhook(module: torch.nn.Module, name: str, installed) -> None:
+    """Remove our diffusers hook from `module`, keeping any wrapper put around it since (accelerate's offload).
+
+    diffusers puts back the forward our hook wrapped, which would drop such a wrapper; instead the wrapper stays,
+    and accelerate's is pointed past our hook. (A wrapper of another kind keeps calling our hook's forward, which
+    passes every call through once the transformer's hooks are gone.)
+    """
+    current = module.forward
+    module._diffusers_hook.remove_hook(name, recurse=False)
+    if current is installed:
+        return
+    if getattr(module, "_old_forward", None) is installed:
+        module._old_forward = module.forward
+    module.forward = current
 
 
 def remove_bwcache(transformer_or_pipeline) -> None:

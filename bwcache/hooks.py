@@ -553,6 +553,23 @@ class BWCacheBlockHook(ModelHook):
         return output
 
 
+def _skip_under_dynamo(function) -> None:
+    """Tell dynamo once that this frame is never compiled, instead of finding it out again at every call.
+
+    (`torch.compiler.disable(recursive=False)` alone re-checks the frame on each call; an optimisation only, so a
+    torch without the private helper just runs a little slower.)
+    """
+    try:
+        from torch._dynamo.eval_frame import skip_code
+
+        skip_code(inspect.unwrap(getattr(function, "_torchdynamo_orig_callable", function)).__code__)
+    except (ImportError, AttributeError):
+        pass
+
+
+_skip_under_dynamo(BWCacheBlockHook.new_forward)
+
+
 def _host_values(distances: dict, measured: dict) -> tuple[dict[int, float], dict[int, float]]:
     """Both dicts of scalar tensors as floats, in one host sync."""
     pending = list(distances.values()) + list(measured.values())
