@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bwcache import BWCacheConfig, apply_bwcache, remove_bwcache  # noqa: E402
+from bwcache import BWCacheConfig, cached  # noqa: E402
 from bwcache.bench import cache_work_shares  # noqa: E402
 from bwcache.memory import parameter_bytes, peak_tensor_bytes  # noqa: E402
 from bwcache.runner import block_timer  # noqa: E402
@@ -104,11 +104,8 @@ def main(argv=None) -> int:
 
     def with_cache(cache_config):
         def run():
-            handle = apply_bwcache(model, cache_config)
-            try:
+            with cached(model, cache_config) as handle:
                 return denoise(model, latents, text, negative, args.steps, device), handle
-            finally:
-                remove_bwcache(model)
 
         return run
 

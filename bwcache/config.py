@@ -38,7 +38,7 @@ class BWCacheConfig:
             `"paper"`: the published method. One indicator per step (mean relative-L1 over the indicator blocks)
             triggers a fixed schedule of R reused steps and one computed step, in which a reused step runs no block.
             `"blockwise"`: each block decides on its own, every step, whether to reuse its cached residual (see
-            `bwcache.hooks` for the exact rule).
+            `bwcache.policies` for the exact rule).
         num_inference_steps (`int`, *optional*):
             T. `None` takes it from the pipeline's `cache_context(..., num_inference_steps=T)`; if the schedule needs
             it and nothing provides it, the first denoising call raises an error. Allowed: an integer ≥ 1.

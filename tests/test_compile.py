@@ -81,3 +81,22 @@ def test_the_block_forward_is_compiled_once_for_all_blocks():
         generate(pipe, steps=4)
         assert compiled_code(WanTransformerBlock.forward) == 1
     torch._dynamo.reset()
+
+
+def test_the_compiled_benchmark_writes_its_figures_and_never_overwrites(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "compiled.py"
+    spec = importlib.util.spec_from_file_location("compiled_benchmark", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "compiled.json"
+    assert module.main(["--modes", "eager", "--repeats", "1", "--json", str(out)]) == 0
+    record = __import__("json").loads(out.read_text())
+    (row,) = record["rows"]
+    assert row["mode"] == "eager" and row["speedup"] > 0 and 0 < row["reuse_fraction"] < 1
+    assert "| eager |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main(["--modes", "eager", "--json", str(out)])
+    assert "exists" in capsys.readouterr().err
