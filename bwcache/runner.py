@@ -22,6 +22,7 @@ from . import peers
 from .blocks import find_blocks
 from .config import BWCacheConfig
 from .apply import cached
+from .clock import pipeline_experts
 from .metrics import compare_videos
 from .pipelines import call_kwargs, default_device, device_name, get_pipeline
 from .presets import Preset, load_preset
@@ -140,7 +141,7 @@ def _quality(baseline: np.ndarray, cached: np.ndarray, device: str) -> dict:
 def _traced_warmup(pipe, preset, settings, device, report, measure_blocks=True):
     """The threshold-0 run: warms up, records the full distance map and the share of time spent in DiT blocks."""
     # The timer goes on first, so it sits inside BWCache's block hooks: the cache's own work is not block time.
-    timer = block_timer(pipe.transformer, device) if measure_blocks else None
+    timer = block_timer(pipe, device) if measure_blocks else None
     try:
         with cached(pipe, BWCacheConfig(threshold=0.0)) as handle:
             frames, seconds = generate(pipe, preset, settings, device, report)
@@ -214,9 +215,13 @@ class _TimedForward(ModelHook):
         return output
 
 
-def block_timer(transformer: torch.nn.Module, device: str) -> ForwardTimer:
-    """A timer of the DiT blocks' own forward."""
-    return ForwardTimer([spec.module for spec in find_blocks(transformer)], device)
+def block_timer(transformer_or_pipeline, device: str) -> ForwardTimer:
+    """A timer of the DiT blocks' own forward (of every denoiser, given a pipeline: both of Wan2.2's experts)."""
+    if isinstance(transformer_or_pipeline, torch.nn.Module):
+        transformers = [transformer_or_pipeline]
+    else:
+        transformers = [module for _, module in pipeline_experts(transformer_or_pipeline)]
+    return ForwardTimer([spec.module for t in transformers for spec in find_blocks(t)], device)
 
 
 def ideal_speedup(reuse_fraction: float, block_share: float | None) -> float | None:

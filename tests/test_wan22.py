@@ -7,6 +7,7 @@ import torch
 
 import bwcache
 from bwcache import BWCacheConfig
+from bwcache.runner import block_timer
 from tiny_wan import build_wan22_pipeline, build_wan22_ti2v_pipeline
 
 STEPS = 10
@@ -123,3 +124,12 @@ def test_ti2v_5b_pipeline_is_cached_with_per_token_timesteps():
         assert ["r" if all(row) else "C" for row in branch["reused"]] == list("CCrCrC")
         assert "experts" not in branch
     assert not (cached == uncached).all()
+
+
+def test_the_block_timer_of_a_pipeline_times_both_experts(pipe):
+    timer = block_timer(pipe, "cpu")
+    try:
+        generate(pipe)
+    finally:
+        timer.remove()
+    assert timer.calls == 2 * STEPS * len(pipe.transformer.blocks)  # cond and uncond, whichever expert runs
