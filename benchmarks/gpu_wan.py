@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bwcache import BWCacheConfig, cached  # noqa: E402
+import bwcache  # noqa: E402
+from bwcache import BWCacheConfig  # noqa: E402
 from bwcache.bench import cache_work_shares  # noqa: E402
 from bwcache.memory import parameter_bytes, peak_tensor_bytes  # noqa: E402
 from bwcache.runner import block_timer  # noqa: E402
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
 
     def with_cache(cache_config):
         def run():
-            with cached(model, cache_config) as handle:
+            with bwcache.cached(model, cache_config) as handle:
                 return denoise(model, latents, text, negative, args.steps, device), handle
 
         return run
