@@ -168,6 +168,8 @@ class ForwardTimer:
         self._name = f"bwcache_timer_{id(self)}"
         self._modules = []
         self._handles = []
+        # Start times of the calls in progress: timed modules nest (a transformer and its blocks).
+        self._started: list[float] = []
         try:
             for module in modules:
                 if around_call:
@@ -182,13 +184,13 @@ class ForwardTimer:
             self.remove()
             raise
 
-    def _start(self, module, args) -> None:
+    def _start(self, module=None, args=None) -> None:
         _synchronize(self.device)
-        self._started = time.perf_counter()
+        self._started.append(time.perf_counter())
 
-    def _stop(self, module, args, output) -> None:
+    def _stop(self, module=None, args=None, output=None) -> None:
         _synchronize(self.device)
-        self.seconds += time.perf_counter() - self._started
+        self.seconds += time.perf_counter() - self._started.pop()
         self.calls += 1
 
     def remove(self) -> None:
@@ -206,13 +208,11 @@ class _TimedForward(ModelHook):
         self.timer = timer
 
     def new_forward(self, module, *args, **kwargs):
-        _synchronize(self.timer.device)
-        start = time.perf_counter()
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        _synchronize(self.timer.device)
-        self.timer.seconds += time.perf_counter() - start
-        self.timer.calls += 1
-        return output
+        self.timer._start()
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self.timer._stop()
 
 
 def block_timer(transformer_or_pipeline, device: str) -> ForwardTimer:

@@ -1,6 +1,7 @@
 """The timers behind the ideal speedup and the cache's own cost sit inside or outside BWCache's hooks by order."""
 
 import time
+import types
 
 import torch
 
@@ -43,3 +44,17 @@ def test_a_timer_registered_first_sees_only_the_blocks_that_run():
     inner.remove()
     assert all(not block._diffusers_hook.hooks for block in model.blocks)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(plain, run_dummy(model, 6)))
+
+
+def test_a_timer_around_nested_calls_times_each_call_from_its_own_start(monkeypatch):
+    """A transformer and its blocks nest: each call is timed from its own start (a clock ticking once a reading)."""
+    ticks = iter(range(1000))
+    monkeypatch.setattr("bwcache.runner.time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    model = DoublingTransformer(num_layers=2)
+    timer = ForwardTimer([model] + list(model.blocks), "cpu", around_call=True)
+    try:
+        model(torch.ones(1, 4, 8))
+    finally:
+        timer.remove()
+    # Readings: model 0, block 1–2, block 3–4, model 5: the blocks take 1 each, the model 5.
+    assert (timer.calls, timer.seconds) == (3, 7)
