@@ -22,10 +22,10 @@ _BWCACHE_BLOCK_HOOK = "bwcache_block_hook"
 class BWCacheHandle:
     """What `apply_bwcache` returns: the trace of the last generation, a summary, reset and removal."""
 
-    def __init__(self, target, hooks: list[BWCacheHook], trace: Trace):
-        self.target = target
+    def __init__(self, hooks: list[BWCacheHook], trace: Trace):
         self.hooks = hooks
-        self.trace_ = trace
+        # The trace of the last generation, shared by every cached transformer.
+        self.trace = trace
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -46,22 +46,18 @@ class BWCacheHandle:
         return self.hooks[0].config
 
     @property
-    def trace(self) -> Trace:
-        return self.trace_
-
-    @property
     def block_names(self) -> list[str]:
-        return list(self.trace_.block_names)
+        return list(self.trace.block_names)
 
     def summary(self) -> str:
-        return self.trace_.summary()
+        return self.trace.summary()
 
     def reset(self) -> None:
         """Forget all cached state and the trace, as before the first generation."""
         for hook in self.hooks:
             hook.reset_state(hook.module)
-        self.trace_.clear()
-        self.trace_.generation = None
+        self.trace.clear()
+        self.trace.generation = None
 
     def remove(self) -> None:
         """Remove BWCache from every transformer it was applied to; their forwards are the original again."""
@@ -151,7 +147,7 @@ def apply_bwcache(transformer_or_pipeline, config: BWCacheConfig | None = None) 
         for hook in hooks:
             _detach(hook.module)
         raise
-    handle = BWCacheHandle(transformer_or_pipeline, hooks, trace)
+    handle = BWCacheHandle(hooks, trace)
     for hook in hooks:
         hook.handle = handle
     return handle
@@ -189,7 +185,7 @@ def _detach(module: torch.nn.Module) -> None:
     registry = module._diffusers_hook
     hook = registry.get_hook(_BWCACHE_ROOT_HOOK)
     hook.state_manager.reset()
-    for torch_hook in getattr(hook, "torch_hooks", ()):
+    for torch_hook in hook.torch_hooks:
         torch_hook.remove()
     for target, name, installed in reversed(hook.installed):
         _unhook(target, name, installed)

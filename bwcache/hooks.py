@@ -159,6 +159,10 @@ class BWCacheHook(ModelHook):
         self._started: tuple | None = None
         self._own_context = False
         self._timestep_index: int | None = None
+        # Set by `apply_bwcache`: its handle, torch's hooks around each call, and each module's forward as ours left it.
+        self.handle = None
+        self.torch_hooks: tuple = ()
+        self.installed: list[tuple] = []
 
     def initialize_hook(self, module):
         self.module = module
@@ -409,9 +413,9 @@ class BWCacheHook(ModelHook):
             return None
         i = spec.index
         hidden_states, encoder_hidden_states = _block_inputs(spec, args, kwargs)
-        plan = self.policy.measure(state, i, i in state.residuals)
         if not state.computed_step:
             return self._reuse_chain(spec, state, hidden_states, encoder_hidden_states)
+        plan = self.policy.measure(state, i, i in state.residuals)
 
         features = None
         if plan.measure:
@@ -443,7 +447,7 @@ class BWCacheHook(ModelHook):
             self.policy.block_computed(state, i)
             state.chain_heads[i] = True
             state.last_output = None
-            keep_residual = plan.keep and i in self.policy.indicator_blocks and state.need_residuals
+            keep_residual = plan.keep and state.need_residuals
         else:
             keep_residual = state.need_residuals
         self._open_chain(spec, state, hidden_states, encoder_hidden_states, keep_residual)

@@ -4,9 +4,9 @@ A policy reads and updates the decision fields of a branch's state (schedule, tr
 answers the hooks' questions at three points of a transformer call:
 
     plan_step(state)                        at its start: is this a computed step, which residuals are worth keeping
-    measure(state, i, has_residual)         before block i: measure its distance? may it reuse?
+    measure(state, i, has_residual)         before block i of a computed step: measure its distance? may it reuse?
     decide(state, i, distance)              with that distance (block-wise mode): reuse block i?
-    close_step(state, distances)            at its end, with the step's distances as floats: indicator, trigger
+    close_step(state, distances, measured)  at its end, with the step's distances as floats: indicator, trigger
 
 The hooks call these through `torch.compiler.disable`d functions, so no decision is ever traced into a compiled
 graph, and the distances a policy sees are the only values it decides on (the one place a multi-process run must
@@ -101,8 +101,7 @@ class PaperPolicy(Policy):
         return not all(schedule[step + 1 :])
 
     def measure(self, state, i: int, has_residual: bool) -> BlockPlan:
-        if not state.computed_step:
-            return BlockPlan(may_reuse=True)
+        # Asked on computed steps only: a reused step runs no block.
         return BlockPlan(measure=state.schedule is None and i in self.indicator_blocks)
 
     def close_step(self, state, distances: dict[int, float], measured: dict[int, float]) -> StepOutcome:
