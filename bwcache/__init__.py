@@ -8,6 +8,7 @@
 
 from .blocks import register_block
 from .config import BWCacheConfig
+from .parallel import enable_context_parallel
 from .apply import BWCacheHandle, apply_bwcache, cached, get_bwcache_handle, remove_bwcache
 from .schedule import paper_schedule, predict_schedule
 from .trace import Trace, summarize
@@ -18,6 +19,7 @@ __all__ = [
     "Trace",
     "apply_bwcache",
     "cached",
+    "enable_context_parallel",
     "get_bwcache_handle",
     "paper_schedule",
     "predict_schedule",

@@ -17,6 +17,8 @@ from .trace import Trace
 
 _BWCACHE_ROOT_HOOK = "bwcache_root_hook"
 _BWCACHE_BLOCK_HOOK = "bwcache_block_hook"
+# The names diffusers gives its context-parallel split and gather hooks (`cp_input---blocks.0`, ...).
+_CONTEXT_PARALLEL_HOOKS = ("cp_input---", "cp_output---")
 
 
 class BWCacheHandle:
@@ -159,9 +161,9 @@ def _attach(module: torch.nn.Module, hook: BWCacheHook) -> None:
     hook.installed = []
     try:
         for spec in hook.blocks:
-            HookRegistry.check_if_exists_or_initialize(spec.module).register_hook(
-                BWCacheBlockHook(hook, spec), _BWCACHE_BLOCK_HOOK
-            )
+            block_registry = HookRegistry.check_if_exists_or_initialize(spec.module)
+            with _outside(block_registry, _CONTEXT_PARALLEL_HOOKS):
+                block_registry.register_hook(BWCacheBlockHook(hook, spec), _BWCACHE_BLOCK_HOOK)
             hook.installed.append((spec.module, _BWCACHE_BLOCK_HOOK, spec.module.forward))
         registry.register_hook(hook, _BWCACHE_ROOT_HOOK)
         hook.installed.append((module, _BWCACHE_ROOT_HOOK, module.forward))
@@ -179,6 +181,27 @@ def _attach(module: torch.nn.Module, hook: BWCacheHook) -> None:
         module.register_forward_hook(hook.call_end, with_kwargs=True, always_call=True),
     )
     guard_enable_cache(module)
+
+
+@contextmanager
+def _outside(registry: HookRegistry, prefixes: tuple[str, ...]):
+    """A hook registered inside the block stays inside the hooks already there whose names start with `prefixes`.
+
+    diffusers' context parallelism shards a block's input in a hook on the block (Wan's `blocks.0`); the cache
+    must see the shard, as it does when parallelism is enabled after it. So that hook and every hook above it are
+    taken off, outermost first (diffusers unwinds a chain safely only from its top), and put back in their order
+    around the new one.
+    """
+    order = list(registry._hook_order)
+    first = next((k for k, name in enumerate(order) if name.startswith(prefixes)), len(order))
+    moved = [(name, registry.hooks[name]) for name in order[first:]]
+    for name, _ in reversed(moved):
+        registry.remove_hook(name, recurse=False)
+    try:
+        yield
+    finally:
+        for name, moved_hook in moved:
+            registry.register_hook(moved_hook, name)
 
 
 def _detach(module: torch.nn.Module) -> None:

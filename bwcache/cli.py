@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
+from .parallel import KINDS, init_distributed, is_main_process
 from .pipelines import PipelineUnavailable
 from .report import OUTPUT_FILES
 
@@ -51,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--threshold", type=float, help="δ (default: the preset's)")
     _add_cache_arguments(compare)
     compare.add_argument("--compare-with", help="also run a peer cache: fbc, magcache, taylorseer, seacache or pab")
+    compare.add_argument(
+        "--context-parallel", choices=KINDS,
+        help="shard the denoiser over all processes of a torchrun launch (torchrun --nproc_per_node=N -m bwcache "
+        "compare ...); rank 0 writes the outputs",
+    )
     compare.add_argument("--json", type=Path, help="write the run record to this file")
     compare.add_argument("--out-dir", type=Path, help="write both videos, the run record and the trace CSV here")
     compare.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -63,9 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args) -> int:
-    from .report import save_comparison, summary_text
-    from .runner import run_comparison
-
     targets = []
     if args.json:
         targets.append(args.json)
@@ -74,14 +79,36 @@ def _compare(args) -> int:
     existing = [str(p) for p in targets if p.exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"Refusing to overwrite {', '.join(existing)}; pass --overwrite or choose other paths.")
+    if args.context_parallel:
+        if args.device:
+            raise ValueError("--device cannot be set with --context-parallel: each process runs on its own GPU "
+                             "(cuda:LOCAL_RANK), or on the CPU where there is none.")
+        if args.compare_with:
+            raise ValueError("--compare-with and --context-parallel cannot be combined: the peer caches decide on "
+                             "each process's own shard, so processes would disagree and wait on each other forever.")
+        args.device = init_distributed()
+    try:
+        return _run_compare(args)
+    finally:
+        if args.context_parallel:
+            dist.destroy_process_group()
 
+
+def _run_compare(args) -> int:
+    from .report import save_comparison, summary_text
+    from .runner import run_comparison
+
+    main = is_main_process()
     comparison = run_comparison(
         preset=args.preset, prompt=args.prompt, seed=args.seed, threshold=args.threshold,
         negative_prompt=args.negative_prompt, reuse_interval=args.reuse_interval, tail_fraction=args.tail_fraction,
         mode=args.mode, num_inference_steps=args.num_inference_steps, num_frames=args.num_frames,
         height=args.height, width=args.width, guidance_scale=args.guidance_scale, device=args.device,
-        compare_with=args.compare_with, progress=_terminal_progress,
+        compare_with=args.compare_with, progress=_terminal_progress if main else None,
+        context_parallel=args.context_parallel,
     )
+    if not main:
+        return 0
     print(file=sys.stderr)
     print(summary_text(comparison.record))
     if args.out_dir:

@@ -15,6 +15,13 @@ distance is the relative L1 `mean|h(s) − h(ref)| / mean|h(ref)|` to a referenc
 mode (paper Eq. 5–7), the input its residual was computed on in block-wise mode. All of a step's distances reach the
 host in one sync at the end of the call, except where block-wise mode must decide on one before running its block.
 
+Several processes. Under diffusers' context parallelism each process sees its shard of the sequence: a distance is
+kept as this process's two sums (`|h − ref|` and `|ref|`) until it is needed, the sums are added over the
+context-parallel group (`bwcache.parallel`), and every process divides the same numbers, so all take the decisions a
+single process would take. The step's recorded distances share one all-reduce at the end of the call; a block-wise
+decision, which must come before its block runs, needs its own. Token strides start where the single-process
+stride would fall in each shard. Residuals and features stay sharded.
+
 Reuse. A reused block returns its input plus a cached residual (output − input at a computed step). Blocks that
 hand their output straight to the next block form a chain whose residuals telescope, so paper mode keeps one
 residual per chain (per stream), added at the chain's first block, and the other blocks pass their input through;
@@ -37,11 +44,13 @@ raises drops all state: the next call starts afresh.
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import torch
 from diffusers.hooks.hooks import BaseState, CacheContext, ModelHook, StateManager
 from diffusers.utils.torch_utils import unwrap_module
 
+from . import parallel
 from .blocks import BlockSpec
 from .clock import PipelineClock
 from .config import BWCacheConfig
@@ -58,19 +67,36 @@ def relative_l1(current: torch.Tensor, previous: torch.Tensor, previous_norm: to
     Sums accumulate in float32; the difference is the one temporary (its `abs` is taken in place).
     `previous_norm` (`l1_norm(previous)`) saves the second reduction when one reference is compared several times.
     """
-    difference = (current - previous).abs_().sum(dtype=torch.float32)
-    return difference / (l1_norm(previous) if previous_norm is None else previous_norm)
+    return _ratio(_difference_sum(current, previous), l1_norm(previous) if previous_norm is None else previous_norm)
 
 
 def l1_norm(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.abs().sum(dtype=torch.float32).clamp_min(1e-12)
+    """`sum|tensor|` in float32 (a scalar tensor)."""
+    return tensor.abs().sum(dtype=torch.float32)
 
 
-def _strided(hidden_states: torch.Tensor, stride: int) -> torch.Tensor:
-    """The tokens the distance is measured on (a view)."""
+def _difference_sum(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    return (current - previous).abs_().sum(dtype=torch.float32)
+
+
+def _ratio(difference: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    return difference / norm.clamp_min(1e-12)
+
+
+class _Sums(NamedTuple):
+    """A distance not yet divided: this process's sums of |h − ref| and |ref| (added over a context-parallel
+    group first), and what the policy adds to the ratio."""
+
+    difference: torch.Tensor
+    norm: torch.Tensor
+    offset: float = 0.0
+
+
+def _strided(hidden_states: torch.Tensor, stride: int, offset: int = 0) -> torch.Tensor:
+    """The tokens the distance is measured on (a view): every `stride`-th, from `offset`."""
     if stride == 1:
         return hidden_states
-    return hidden_states[:, ::stride] if hidden_states.ndim >= 3 else hidden_states[::stride]
+    return hidden_states[:, offset::stride] if hidden_states.ndim >= 3 else hidden_states[offset::stride]
 
 
 def _compact(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -159,6 +185,11 @@ class BWCacheHook(ModelHook):
         self._started: tuple | None = None
         self._own_context = False
         self._timestep_index: int | None = None
+        self._hidden_states_index: int | None = None
+        # The context-parallel process group distances are summed over during this call (None: one process), and
+        # where this process's shard starts in the whole sequence, by shard length.
+        self.group = None
+        self._shard_starts: dict[int, int] = {}
         # Set by `apply_bwcache`: its handle, torch's hooks around each call, and each module's forward as ours left it.
         self.handle = None
         self.torch_hooks: tuple = ()
@@ -168,6 +199,7 @@ class BWCacheHook(ModelHook):
         self.module = module
         parameters = list(inspect.signature(unwrap_module(module).__class__.forward).parameters)[1:]
         self._timestep_index = parameters.index("timestep") if "timestep" in parameters else None
+        self._hidden_states_index = parameters.index("hidden_states") if "hidden_states" in parameters else None
         return module
 
     def reset_state(self, module):
@@ -193,6 +225,8 @@ class BWCacheHook(ModelHook):
         if self._own_context:
             self.state_manager.set_context(CacheContext(DEFAULT_BRANCH))
         try:
+            self.group = self._parallel_group(args, kwargs)
+            self._shard_starts = {}
             if self.clock is not None:
                 self.clock.refresh()
                 if self.clock.generation != self._clock_generation:
@@ -224,6 +258,16 @@ class BWCacheHook(ModelHook):
             self._end_step(state, branch)
         finally:
             self._leave_context()
+
+    def _parallel_group(self, args, kwargs):
+        """The context-parallel group of this call, after checking the input can be split over it."""
+        group = parallel.process_group(self.module)
+        if group is not None:
+            hidden_states = kwargs.get("hidden_states")
+            if hidden_states is None and self._hidden_states_index is not None and self._hidden_states_index < len(args):
+                hidden_states = args[self._hidden_states_index]
+            parallel.check_sequence(self.module, parallel.context_parallel_config(self.module), hidden_states)
+        return group
 
     def _leave_context(self) -> None:
         if self._own_context:
@@ -352,12 +396,16 @@ class BWCacheHook(ModelHook):
                 f"Another cache was applied on top of BWCache ({', '.join(foreign[:3])}); two caches cannot share "
                 "one transformer. Remove one of them (bwcache.remove_bwcache(...) or transformer.disable_cache())."
             )
+        cp_config = parallel.context_parallel_config(self.module)
+        if cp_config is not None:
+            parallel.check_model(self.module, cp_config)
         self._started = key
         if self.config.record_trace:
             self.trace.start_generation(key)
+            self.trace.context_parallel = parallel.describe(cp_config) if cp_config is not None else None
 
     def _end_step(self, state: BWCacheState, branch_name: str) -> None:
-        distances, measured = _host_values(state.step_distances, state.step_measured)
+        distances, measured = _host_values(state.step_distances, state.step_measured, self.group)
         state.step_distances = {}
         state.step_measured = {}
         outcome = self.policy.close_step(state, distances, measured)
@@ -420,26 +468,33 @@ class BWCacheHook(ModelHook):
         features = None
         if plan.measure:
             stride = self.config.indicator_token_stride
-            features = _strided(hidden_states, stride)
+            features = _strided(hidden_states, stride, self._token_offset(hidden_states))
             reference = state.features[i]
             if reference is not None:
                 if state.feature_norms[i] is None:
                     state.feature_norms[i] = l1_norm(reference)
-                distance = self.policy.distance(state, i, relative_l1(features, reference, state.feature_norms[i]))
-                if plan.may_reuse and self.policy.decide(state, i, float(distance)):
-                    state.step_measured[i] = distance
-                    state.step_reused.add(i)
-                    if self.config.accumulate_distance:
-                        self._keep_features(state, i, features)
-                    return self._reuse_block(spec, state, hidden_states, encoder_hidden_states)
-                state.step_distances[i] = distance
+                sums = _Sums(_difference_sum(features, reference), state.feature_norms[i],
+                             self.policy.distance_offset(state, i))
+                if not plan.may_reuse:
+                    # Recorded, not decided on: divided (and summed over processes) with the step's others at its end.
+                    state.step_distances[i] = sums
+                else:
+                    distance = float(self._divide_now(sums))
+                    if self.policy.decide(state, i, distance):
+                        state.step_measured[i] = distance
+                        state.step_reused.add(i)
+                        if self.config.accumulate_distance:
+                            self._keep_features(state, i, features)
+                        return self._reuse_block(spec, state, hidden_states, encoder_hidden_states)
+                    state.step_distances[i] = distance
             if self.config.mode == "paper":
                 self._keep_features(state, i, features)
 
         if self.config.mode == "blockwise":
             if plan.keep:
                 self._keep_features(state, i, features if features is not None else
-                                    _strided(hidden_states, self.config.indicator_token_stride))
+                                    _strided(hidden_states, self.config.indicator_token_stride,
+                                             self._token_offset(hidden_states)))
             elif i in self.policy.indicator_blocks:
                 # No later step can reuse this block.
                 state.features[i] = state.feature_norms[i] = None
@@ -485,6 +540,28 @@ class BWCacheHook(ModelHook):
         if remember:
             state.last_output = (hidden_states, encoder_hidden_states)
         return _pack(spec, state.output_arity[spec.index], hidden_states, encoder_hidden_states)
+
+    def _token_offset(self, hidden_states: torch.Tensor) -> int:
+        """Where this process's every-`stride`-th token starts, so that a sharded sequence samples the tokens one
+        process would (global indices 0, stride, 2·stride, …)."""
+        stride = self.config.indicator_token_stride
+        if self.group is None or stride == 1 or hidden_states.ndim < 2:
+            return 0
+        dim = 1 if hidden_states.ndim >= 3 else 0
+        length = hidden_states.shape[dim]
+        if length not in self._shard_starts:
+            self._shard_starts[length] = parallel.shard_start(
+                self.group, length, parallel.context_parallel_config(self.module), hidden_states.device
+            )
+        return -self._shard_starts[length] % stride
+
+    def _divide_now(self, sums: _Sums) -> torch.Tensor:
+        """A distance a block's decision waits for (summed over the context-parallel group first)."""
+        difference, norm = sums.difference, sums.norm
+        if self.group is not None:
+            difference, norm = parallel.all_reduce_sum(torch.stack([difference, norm]), self.group)
+        distance = _ratio(difference, norm)
+        return distance + sums.offset if sums.offset else distance
 
     def _keep_features(self, state: BWCacheState, i: int, features: torch.Tensor) -> None:
         state.features[i] = _stored(features, self.config.indicator_token_stride, self.cache_dtype)
@@ -574,14 +651,21 @@ def _skip_under_dynamo(function) -> None:
 _skip_under_dynamo(BWCacheBlockHook.new_forward)
 
 
-def _host_values(distances: dict, measured: dict) -> tuple[dict[int, float], dict[int, float]]:
-    """Both dicts of scalar tensors as floats, in one host sync."""
-    pending = list(distances.values()) + list(measured.values())
-    if not pending:
-        return {}, {}
-    device = next((v.device for v in pending if isinstance(v, torch.Tensor)), None)
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in pending]).tolist()
-    return dict(zip(distances, values[: len(distances)])), dict(zip(measured, values[len(distances) :]))
+def _host_values(distances: dict, measured: dict, group=None) -> tuple[dict[int, float], dict[int, float]]:
+    """Both dicts of distances as floats: the undivided ones (`_Sums`) summed over `group` in one all-reduce and
+    divided, all of them brought to the host in one sync."""
+    pending = {i: v for i, v in distances.items() if isinstance(v, _Sums)}
+    values = {i: v for i, v in distances.items() if not isinstance(v, _Sums)}
+    if pending:
+        sums = torch.stack([p.difference for p in pending.values()] + [p.norm for p in pending.values()])
+        if group is not None:
+            parallel.all_reduce_sum(sums, group)
+        ratios = _ratio(sums[: len(pending)], sums[len(pending) :])
+        offsets = [p.offset for p in pending.values()]
+        if any(offsets):
+            ratios = ratios + torch.tensor(offsets, dtype=ratios.dtype, device=ratios.device)
+        values.update(zip(pending, ratios.tolist()))
+    return {i: values[i] for i in distances}, {i: float(v) for i, v in measured.items()}
 
 
 def _block_inputs(spec: BlockSpec, args, kwargs):

@@ -5,6 +5,7 @@ answers the hooks' questions at three points of a transformer call:
 
     plan_step(state)                        at its start: is this a computed step, which residuals are worth keeping
     measure(state, i, has_residual)         before block i of a computed step: measure its distance? may it reuse?
+    distance_offset(state, i)               what the decision adds to block i's measured distance
     decide(state, i, distance)              with that distance (block-wise mode): reuse block i?
     close_step(state, distances, measured)  at its end, with the step's distances as floats: indicator, trigger
 
@@ -54,9 +55,9 @@ class Policy:
     def measure(self, state, i: int, has_residual: bool) -> BlockPlan:
         raise NotImplementedError
 
-    def distance(self, state, i: int, distance):
-        """The distance the decision is made on, from the one just measured."""
-        return distance
+    def distance_offset(self, state, i: int) -> float:
+        """What block i's decision adds to the distance just measured."""
+        return 0.0
 
     def decide(self, state, i: int, distance: float) -> bool:
         return False
@@ -150,9 +151,9 @@ class BlockwisePolicy(Policy):
         may_reuse = state.reuse_window and has_residual and state.consecutive[i] < state.reuse_interval
         return BlockPlan(measure=may_reuse or observe, may_reuse=may_reuse, keep=state.need_residuals or observe)
 
-    def distance(self, state, i: int, distance):
+    def distance_offset(self, state, i: int) -> float:
         """With `accumulate_distance`, the sum of the distances since block i was last computed."""
-        return state.accumulated[i] + distance if self.config.accumulate_distance else distance
+        return state.accumulated[i] if self.config.accumulate_distance else 0.0
 
     def decide(self, state, i: int, distance: float) -> bool:
         if distance >= self.config.threshold:

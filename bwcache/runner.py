@@ -18,7 +18,7 @@ import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 
 from . import __name__ as _package
-from . import peers
+from . import parallel, peers
 from .blocks import find_blocks
 from .config import BWCacheConfig
 from .apply import cached
@@ -251,12 +251,15 @@ def run_comparison(
     device: str | None = None,
     pipe=None,
     progress: Progress | None = None,
+    context_parallel: str | None = None,
 ) -> Comparison:
     """Run `prompt` without and with BWCache on the preset's model and return the run record and both videos.
 
     Arguments left as `None` take the preset's defaults. `compare_with` names a peer cache (`bwcache.peers.METHODS`)
     to run on the same prompt and seed as well. `pipe` may pass an already built pipeline of the preset's class
     (tests use tiny random components); otherwise the preset's pipeline is loaded (once) on `device`.
+    `context_parallel` (one of `bwcache.parallel.KINDS`) shards the denoisers over all processes of an initialised
+    `torch.distributed` group (`bwcache.parallel.init_distributed()`); every process calls this function.
     """
     preset = resolve_preset(preset)
     settings = resolve_settings(
@@ -270,9 +273,18 @@ def run_comparison(
     )
     if compare_with is not None:
         peers.check_method(compare_with)
+    if context_parallel is not None:
+        parallel.check_kind(context_parallel)
+        if compare_with is not None:
+            raise ValueError(
+                "--compare-with cannot run under context parallelism: the peer caches decide on each process's "
+                "own shard, so processes would disagree and wait on each other forever."
+            )
     device = device or default_device()
     pipe = pipe if pipe is not None else get_pipeline(preset, device)
     check_prompt(pipe, preset, settings)
+    if context_parallel is not None:
+        parallel.ensure_context_parallel(pipe, context_parallel)
     if compare_with is not None:
         reason = peers.applicability(compare_with, pipe, settings)
         if reason:
@@ -301,6 +313,7 @@ def run_comparison(
             **_quality(baseline_frames, peer_frames, device),
         }
 
+    sharded = parallel.run_description(pipe)
     record = {
         "preset": preset.name,
         "model": preset.label,
@@ -308,7 +321,8 @@ def run_comparison(
         "negative_prompt": settings["negative_prompt"],
         "seed": settings["seed"],
         "settings": {key: settings[key] for key in SETTING_KEYS[2:] + ("fps",)},
-        "device": device_name(device),
+        "device": device_name(device) if sharded is None else f"{sharded['processes']} × {device_name(device)}",
+        "context_parallel": sharded,
         "baseline_seconds": baseline_seconds,
         "bwcache_seconds": cached_seconds,
         "speedup": baseline_seconds / cached_seconds,

@@ -67,6 +67,8 @@ class Trace:
         self.held_bytes_peak = 0
         self._held: dict[str | None, int] = {}
         self.generation = None
+        # diffusers' context parallelism the generation ran under (`ulysses×2`), or None for one process.
+        self.context_parallel: str | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -76,6 +78,7 @@ class Trace:
         self.branches = {}
         self.held_bytes_peak = 0
         self._held = {}
+        self.context_parallel = None
 
     def start_generation(self, key) -> None:
         """Start afresh when `key` names another generation than the one recorded."""
@@ -100,7 +103,7 @@ class Trace:
         return sum(b.reused_blocks for b in self.branches.values()) / total if total else 0.0
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "config": self.config.to_dict(),
             "model": self.model_name,
             "num_blocks": self.num_blocks,
@@ -108,6 +111,9 @@ class Trace:
             "branches": {name: branch.to_dict() for name, branch in self.branches.items()},
             "held_bytes_peak": self.held_bytes_peak,
         }
+        if self.context_parallel:
+            data["context_parallel"] = self.context_parallel
+        return data
 
     def summary(self) -> str:
         return summarize(self.to_dict())
@@ -130,6 +136,11 @@ def summarize(trace_dict: dict) -> str:
         knobs += f", tail={config['tail_fraction']:g}"
     model = f" on {trace_dict['model']}" if trace_dict.get("model") else ""
     lines = [f"BWCache ({config['mode']} mode, {knobs}){model}, {num_blocks} blocks"]
+    if trace_dict.get("context_parallel"):
+        lines.append(
+            f"  context parallel ({trace_dict['context_parallel']}): distances summed over all processes, "
+            "every process takes the same decisions"
+        )
     if not trace_dict["branches"]:
         lines.append("  no denoising step recorded yet")
         return "\n".join(lines)
@@ -177,7 +188,8 @@ def held_memory_text(trace_dict: dict) -> str | None:
         return None
     dtype = trace_dict["config"].get("cache_dtype")
     storage = f", stored as {dtype}" if dtype else ""
-    return f"at most {format_bytes(held)} of residuals and features held between calls{storage}"
+    where = " per process" if trace_dict.get("context_parallel") else ""
+    return f"at most {format_bytes(held)} of residuals and features held between calls{where}{storage}"
 
 
 def format_bytes(n: int) -> str:
