@@ -6,6 +6,13 @@ per-block decisions. UI and wiring only; the work is in `bwcache.runner`, the he
 
 from __future__ import annotations
 
+# First: on ZeroGPU, `spaces` must be imported before anything initialises CUDA (torch, diffusers). Its decorator
+# is a no-op everywhere else.
+try:
+    import spaces
+except ImportError:
+    spaces = None
+
 import os
 from contextlib import contextmanager
 from inspect import signature
@@ -16,15 +23,10 @@ import pandas as pd
 import torch
 
 from bwcache import ui
-from bwcache.pipelines import PipelineUnavailable
+from bwcache.pipelines import PipelineUnavailable, get_pipeline
 from bwcache.presets import Preset
 from bwcache.report import summary_markdown
 from bwcache.runner import run_comparison, run_sweep
-
-try:  # ZeroGPU on Hugging Face Spaces; a no-op decorator everywhere else
-    import spaces
-except ImportError:
-    spaces = None
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = ROOT / "assets" / "examples"
@@ -33,7 +35,9 @@ OUTPUT_ROOT = Path(os.environ.get("BWCACHE_OUTPUT_DIR", "outputs")).resolve()
 # Preset name -> an already built pipeline to use instead of loading the preset's weights (tests inject tiny ones).
 PIPELINE_OVERRIDES: dict[str, object] = {}
 
-PRESETS = ui.available_presets()
+ON_ZERO_GPU = spaces is not None and bool(spaces.config.Config.zero_gpu)
+# On a Hugging Face Space the app offers the presets whose weights the Space preloads (README front matter).
+PRESETS = ui.available_presets(space=bool(os.environ.get("SPACE_ID")))
 DEFAULT_PRESET = ui.default_preset_name(PRESETS)
 EXAMPLES = ui.list_examples(EXAMPLES_DIR, PRESETS)
 PEER_CHOICES = [("none", ui.NO_PEER)] + [(label, key) for key, label in ui.PEER_METHODS.items()]
@@ -89,6 +93,25 @@ def _user_errors(preset=None, settings=None):
 
 
 # ----------------------------------------------------------------------------- GPU work
+# On ZeroGPU the work runs in a GPU worker process, and every exception but a `gr.Error` comes back as a generic
+# "ZeroGPU worker error": so the work turns errors into our messages itself, inside the GPU function. The CPU-only
+# Tiny Shapes preset runs outside it, spending no GPU quota.
+
+if ON_ZERO_GPU:
+    # ZeroGPU wants models on CUDA at import time (CUDA is emulated outside the GPU functions). A model that cannot
+    # load leaves the app serving the others; choosing it later shows why.
+    for _spec in PRESETS.values():
+        if ui.needs_gpu(_spec):
+            try:
+                get_pipeline(_spec, "cuda")
+            except PipelineUnavailable as error:
+                print(f"{_spec.label} is not loaded: {error}")
+
+
+def _device(spec) -> str | None:
+    """The CPU for the CPU-only preset (ZeroGPU reports CUDA available outside its GPU functions too); else the
+    default."""
+    return None if ui.needs_gpu(spec) else "cpu"
 
 
 def _comparison_seconds(preset_name, request, compare_with=None, progress=None):
@@ -98,11 +121,22 @@ def _comparison_seconds(preset_name, request, compare_with=None, progress=None):
     return ui.gpu_seconds(preset, ui.resolved_settings(preset, request), runs=runs)
 
 
-@gpu(duration=_comparison_seconds)
-def _run_comparison(preset_name, request, compare_with=None, progress=None):
+def _compare_work(preset_name, request, compare_with=None, progress=None):
+    spec = PRESETS[preset_name]
     extra = {"compare_with": compare_with} if compare_with is not None else {}
-    return run_comparison(preset_name, pipe=PIPELINE_OVERRIDES.get(preset_name), progress=_progress(progress),
-                          **request, **extra)
+    with _user_errors(spec, ui.resolved_settings(spec, request)):
+        comparison = run_comparison(preset_name, pipe=PIPELINE_OVERRIDES.get(preset_name), device=_device(spec),
+                                    progress=_progress(progress), **request, **extra)
+    # uint8 frames cross back from the GPU process: a quarter of the float frames' bytes.
+    return comparison.as_uint8()
+
+
+_compare_on_gpu = gpu(duration=_comparison_seconds)(_compare_work)
+
+
+def _run_comparison(preset_name, request, compare_with=None, progress=None):
+    work = _compare_on_gpu if ui.needs_gpu(PRESETS[preset_name]) else _compare_work
+    return work(preset_name, request, compare_with, progress=progress)
 
 
 def _sweep_seconds(preset_name, request, thresholds, progress=None):
@@ -110,11 +144,20 @@ def _sweep_seconds(preset_name, request, thresholds, progress=None):
     return ui.gpu_seconds(preset, ui.resolved_settings(preset, request), runs=2 + len(thresholds))
 
 
-@gpu(duration=_sweep_seconds)
-def _run_sweep(preset_name, request, thresholds, progress=None):
+def _sweep_work(preset_name, request, thresholds, progress=None):
+    spec = PRESETS[preset_name]
     settings = {key: value for key, value in request.items() if key not in ("prompt", "seed", "threshold")}
-    return run_sweep(preset_name, request["prompt"], request["seed"], thresholds,
-                     pipe=PIPELINE_OVERRIDES.get(preset_name), progress=_progress(progress), **settings)
+    with _user_errors(spec, ui.resolved_settings(spec, request)):
+        return run_sweep(preset_name, request["prompt"], request["seed"], thresholds, device=_device(spec),
+                         pipe=PIPELINE_OVERRIDES.get(preset_name), progress=_progress(progress), **settings)
+
+
+_sweep_on_gpu = gpu(duration=_sweep_seconds)(_sweep_work)
+
+
+def _run_sweep(preset_name, request, thresholds, progress=None):
+    work = _sweep_on_gpu if ui.needs_gpu(PRESETS[preset_name]) else _sweep_work
+    return work(preset_name, request, thresholds, progress=progress)
 
 
 # ----------------------------------------------------------------------------- event functions
@@ -136,6 +179,7 @@ def compare(
     guidance_scale=None,
     randomize_seed=False,
     compare_with=ui.NO_PEER,
+    indicator_feature=None,
     progress=gr.Progress(),
 ):
     """Run the prompt without and with BWCache on the preset's model (same seed and settings).
@@ -151,6 +195,7 @@ def compare(
             spec, prompt=prompt, negative_prompt=negative_prompt, threshold=threshold, reuse_interval=reuse_interval,
             tail_fraction=tail_fraction, mode=mode, num_inference_steps=num_inference_steps, num_frames=num_frames,
             height=height, width=width, guidance_scale=guidance_scale, seed=ui.check_seed(seed, randomize_seed),
+            indicator_feature=indicator_feature,
         )
         peer = ui.parse_peer(compare_with)
         if peer is not None and not PEERS_SUPPORTED:
@@ -188,6 +233,7 @@ def sweep(
     height=None,
     width=None,
     guidance_scale=None,
+    indicator_feature=None,
     progress=gr.Progress(),
 ):
     """Run the cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ.
@@ -202,6 +248,7 @@ def sweep(
             spec, prompt=prompt, negative_prompt=negative_prompt, reuse_interval=reuse_interval,
             tail_fraction=tail_fraction, mode=mode, num_inference_steps=num_inference_steps, num_frames=num_frames,
             height=height, width=width, guidance_scale=guidance_scale, seed=ui.check_seed(seed),
+            indicator_feature=indicator_feature,
         )
         settings = ui.resolved_settings(spec, request)
     with _user_errors(spec, settings):
@@ -268,7 +315,7 @@ def load_example(prompt, preset, threshold, seed):
 # ----------------------------------------------------------------------------- layout
 
 FORM_KEYS = ["prompt", "negative_prompt", "threshold", "reuse_interval", "tail_fraction", "mode",
-             "num_inference_steps", "num_frames", "height", "width", "guidance_scale", "seed"]
+             "indicator_feature", "num_inference_steps", "num_frames", "height", "width", "guidance_scale", "seed"]
 
 with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 7200)) as demo:
     gr.Markdown(
@@ -299,6 +346,12 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
                                               info="share of the trigger step always computed at the end")
                 mode = gr.Radio(["paper", "blockwise"], label="Mode",
                                 info="paper: one indicator per step; blockwise: each block decides")
+                indicator_feature = gr.Radio(
+                    [("hidden-states input (paper Eq. 5)", "hidden_states"),
+                     ("modulated attention input, as the official code measures it (paper mode)", "modulated")],
+                    label="Indicator feature", info="what each block's distance is measured on",
+                    elem_id="indicator-feature",
+                )
                 with gr.Row():
                     num_inference_steps = gr.Number(label="Steps", precision=0, elem_id="steps")
                     num_frames = gr.Number(label="Frames", precision=0, elem_id="frames")
@@ -353,8 +406,8 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
     run_state = gr.State()
     tuning_state = gr.State()
 
-    form = [prompt, negative_prompt, threshold, reuse_interval, tail_fraction, mode, num_inference_steps, num_frames,
-            height, width, guidance_scale, seed, notes]
+    form = [prompt, negative_prompt, threshold, reuse_interval, tail_fraction, mode, indicator_feature,
+            num_inference_steps, num_frames, height, width, guidance_scale, seed, notes]
     settings_inputs = [negative_prompt, reuse_interval, tail_fraction, mode, num_inference_steps, num_frames, height,
                        width, guidance_scale]
     run_outputs = [baseline_video, bwcache_video, heatmap, summary, record_json, seed, peer_video, downloads,
@@ -368,7 +421,7 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
 
     run.click(
         compare,
-        [prompt, preset, threshold, seed, *settings_inputs, randomize_seed, compare_with],
+        [prompt, preset, threshold, seed, *settings_inputs, randomize_seed, compare_with, indicator_feature],
         run_outputs,
         api_name="compare",
         concurrency_limit=1,
@@ -387,7 +440,7 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
                       api_visibility="private")
     sweep_button.click(
         sweep,
-        [prompt, preset, thresholds, seed, *settings_inputs],
+        [prompt, preset, thresholds, seed, *settings_inputs, indicator_feature],
         [sweep_plot, sweep_table, sweep_file, tuning_state],
         api_name="sweep",
         concurrency_limit=1,

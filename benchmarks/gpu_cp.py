@@ -1,12 +1,13 @@
 """BWCache under context parallelism: seconds per step, uncached and cached, and what the synchronisation costs.
 
     torchrun --nproc_per_node=N benchmarks/gpu_cp.py --json benchmarks/results/gpu-cp-N.json   # N GPUs, Ulysses
-    for N in 1 2 4 8; do torchrun --nproc_per_node=$N benchmarks/gpu_cp.py --json gpu-cp-$N.json; done
+    for N in 1 2 4 8; do torchrun --nproc_per_node=$N benchmarks/gpu_cp.py --model 14b --json gpu-cp-$N.json; done
     torchrun --nproc_per_node=2 benchmarks/gpu_cp.py --tiny     # CPU: 2 gloo processes, a tiny config
 
 One process runs the model unsharded; N processes shard the sequence with diffusers' context parallelism
 (`--kind`, default Ulysses). Full-size Wan2.1 transformer with random weights (`--model 1.3b` at 480p by default,
-`--model 14b` for the 14B), driven like gpu_wan.py: a CFG denoising loop over the transformer, random latents and
+whose 12 heads Ulysses splits over 2, 3, 4 or 6 processes; `--model 14b`, 40 heads, over 2, 4, 5 or 8), driven like
+gpu_wan.py: a CFG denoising loop over the transformer, random latents and
 text embeddings. Reported (rank 0): uncached and cached seconds per step (medians over repeats), the speedup, and
 for each cache setting the all-reduces BWCache made per step, with their share of step time (each timed between
 device synchronisations, so it includes the wait for the slowest process):

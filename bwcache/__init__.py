@@ -6,12 +6,15 @@
     >>> print(handle.summary())
 """
 
+from .resources import package_version
 from .blocks import register_block
 from .config import BWCacheConfig
 from .parallel import enable_context_parallel
 from .apply import BWCacheHandle, apply_bwcache, cached, get_bwcache_handle, remove_bwcache
 from .schedule import paper_schedule, predict_schedule
 from .trace import Trace, summarize
+
+__version__ = package_version()
 
 __all__ = [
     "BWCacheConfig",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
 from diffusers.hooks.hooks import HookRegistry
 from diffusers.utils.torch_utils import unwrap_module
 
-from .blocks import find_blocks
+from .blocks import find_blocks, modulated_input
 from .clock import PipelineClock, pipeline_experts
 from .config import BWCacheConfig
 from .hooks import BWCacheBlockHook, BWCacheHook
@@ -18,7 +19,12 @@ from .trace import Trace
 _BWCACHE_ROOT_HOOK = "bwcache_root_hook"
 _BWCACHE_BLOCK_HOOK = "bwcache_block_hook"
 # The names diffusers gives its context-parallel split and gather hooks (`cp_input---blocks.0`, ...).
-_CONTEXT_PARALLEL_HOOKS = ("cp_input---", "cp_output---")
+try:
+    from diffusers.hooks.context_parallel import _CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE as _CP_INPUT
+    from diffusers.hooks.context_parallel import _CONTEXT_PARALLEL_OUTPUT_HOOK_TEMPLATE as _CP_OUTPUT
+except ImportError:
+    _CP_INPUT, _CP_OUTPUT = "cp_input---{}", "cp_output---{}"
+_CONTEXT_PARALLEL_HOOKS = (_CP_INPUT.format(""), _CP_OUTPUT.format(""))
 
 
 class BWCacheHandle:
@@ -156,6 +162,9 @@ def apply_bwcache(transformer_or_pipeline, config: BWCacheConfig | None = None) 
 
 
 def _attach(module: torch.nn.Module, hook: BWCacheHook) -> None:
+    # Where each indicator block's modulated input lives (an error naming the block class, before any hook is on).
+    modulated = [(spec, modulated_input(spec)) for spec in hook.blocks
+                 if hook.modulated and spec.index in hook.policy.indicator_blocks]
     registry = HookRegistry.check_if_exists_or_initialize(module)
     # Each module's forward as our hook left it: whatever wraps it later (accelerate's offload) is kept on removal.
     hook.installed = []
@@ -179,6 +188,8 @@ def _attach(module: torch.nn.Module, hook: BWCacheHook) -> None:
     hook.torch_hooks = (
         module.register_forward_pre_hook(hook.call_start, with_kwargs=True),
         module.register_forward_hook(hook.call_end, with_kwargs=True, always_call=True),
+        *(attention.register_forward_pre_hook(functools.partial(hook.modulated_input, spec), with_kwargs=True)
+          for spec, attention in modulated),
     )
     guard_enable_cache(module)
 
@@ -195,6 +206,13 @@ def _outside(registry: HookRegistry, prefixes: tuple[str, ...]):
     order = list(registry._hook_order)
     first = next((k for k, name in enumerate(order) if name.startswith(prefixes)), len(order))
     moved = [(name, registry.hooks[name]) for name in order[first:]]
+    if moved and hasattr(registry._module_ref, "_old_forward"):
+        # Taking the hooks off would drop the wrapper accelerate put around them.
+        raise ValueError(
+            "Apply BWCache before CPU offloading on a model with context parallelism (or remove the offloading "
+            "first): accelerate wraps the blocks around diffusers' context-parallel hooks, which BWCache must sit "
+            "inside."
+        )
     for name, _ in reversed(moved):
         registry.remove_hook(name, recurse=False)
     try:
@@ -223,9 +241,12 @@ def _unhook(module: torch.nn.Module, name: str, installed) -> None:
     and accelerate's is pointed past our hook. (A wrapper of another kind keeps calling our hook's forward, which
     passes every call through once the transformer's hooks are gone.)
     """
+    registry = module._diffusers_hook
+    outermost = bool(registry._hook_order) and registry._hook_order[-1] == name
     current = module.forward
-    module._diffusers_hook.remove_hook(name, recurse=False)
-    if current is installed:
+    registry.remove_hook(name, recurse=False)
+    if current is installed or not outermost:
+        # Beneath other hooks (context parallelism's), diffusers relinks the chain and the forward stays as is.
         return
     if getattr(module, "_old_forward", None) is installed:
         module._old_forward = module.forward

@@ -81,6 +81,15 @@ def default_methods() -> list[Method]:
             Method(f"bw-paper-0.15-r{r}", f"BWCache paper δ=0.15 R={r}", "bwcache",
                    {**paper, "threshold": 0.15, "reuse_interval": r})
         )
+    # The official code's decisions (BWCacheConfig.official): modulated feature, R = 3 steps, its tail rule.
+    official = {"mode": "paper", "reuse_interval": 3, "indicator_feature": "modulated", "tail_rule": "official",
+                "tail_fraction": 0.5, "indicator_token_stride": 1}
+    for delta in (0.05, 0.1, 0.15):
+        methods.append(Method(f"bw-official-{delta:g}", f"BWCache official δ={delta:g}", "bwcache",
+                              {**official, "threshold": delta}, family="BWCache official"))
+    for r in (1, 2):
+        methods.append(Method(f"bw-official-0.15-r{r}", f"BWCache official δ=0.15 R={r}", "bwcache",
+                              {**official, "threshold": 0.15, "reuse_interval": r}, family="BWCache official"))
     # Block-wise rows keep the preset's other settings (R, warm-up and tail steps) and vary δ.
     for delta in (0.1, 0.2, 0.3, 0.4):
         methods.append(

@@ -37,6 +37,24 @@ EXTRA_BLOCK_METADATA = {
     ),
 }
 
+# Where a block's AdaLN-modulated input lives (`indicator_feature="modulated"`): the submodule whose input is
+# `norm1(x)·(1 + scale_msa) + shift_msa` (its `hidden_states` argument, or first positional one), and for block
+# classes shared by models with and without AdaLN, the attribute values under which it is modulated.
+MODULATED_INPUTS = {
+    ("diffusers.models.transformers.transformer_wan", "WanTransformerBlock"): ("attn1", None),
+    ("diffusers.models.transformers.transformer_skyreels_v2", "SkyReelsV2TransformerBlock"): ("attn1", None),
+    ("diffusers.models.transformers.cogvideox_transformer_3d", "CogVideoXBlock"): ("attn1", None),
+    ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoTransformerBlock"): ("attn", None),
+    ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoSingleTransformerBlock"): ("attn", None),
+    ("diffusers.models.transformers.transformer_ltx", "LTXVideoTransformerBlock"): ("attn1", None),
+    ("diffusers.models.transformers.transformer_mochi", "MochiTransformerBlock"): ("attn1", None),
+    ("diffusers.models.transformers.transformer_allegro", "AllegroTransformerBlock"): ("attn1", None),
+    # Latte's spatial and temporal blocks (norm_type="ada_norm_single").
+    ("diffusers.models.attention", "BasicTransformerBlock"): (
+        "attn1", ("norm_type", ("ada_norm_single", "ada_norm_zero", "ada_norm", "ada_norm_continuous"))
+    ),
+}
+
 _user_metadata: dict[type, TransformerBlockMetadata] = {}
 
 
@@ -133,3 +151,25 @@ def find_blocks(transformer: torch.nn.Module) -> list[BlockSpec]:
         specs.append(BlockSpec(index=index, name=f"{list_name}.{i}", module=block, metadata=metadata))
     return specs
 
+
+
+def modulated_input(spec: BlockSpec) -> torch.nn.Module:
+    """The submodule of a block whose input is the block's AdaLN-modulated hidden states.
+
+    Raises a `ValueError` naming the block class where that is not known (or the block has no AdaLN).
+    """
+    block = unwrap_module(spec.module)
+    block_class = type(block)
+    known = MODULATED_INPUTS.get((block_class.__module__, block_class.__name__))
+    if known is not None:
+        name, condition = known
+        if condition is None or getattr(block, condition[0], None) in condition[1]:
+            submodule = getattr(block, name, None)
+            if isinstance(submodule, torch.nn.Module):
+                return submodule
+    raise ValueError(
+        f"indicator_feature='modulated' needs to know where {block_class.__name__} ({block_class.__module__}, "
+        f"block {spec.name}) modulates its attention input, and BWCache does not (known: "
+        + ", ".join(sorted({cls for _, cls in MODULATED_INPUTS}))
+        + "). Use indicator_feature='hidden_states'."
+    )

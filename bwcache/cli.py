@@ -12,6 +12,7 @@ import torch.distributed as dist
 from .parallel import KINDS, init_distributed, is_main_process
 from .pipelines import PipelineUnavailable
 from .report import OUTPUT_FILES
+from .runner import PEERS_UNDER_CONTEXT_PARALLEL
 
 
 def _reuse_interval(text: str):
@@ -43,6 +44,9 @@ def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reuse-interval", type=_reuse_interval, help="R: 'auto' (10%% of steps) or an integer")
     parser.add_argument("--tail-fraction", type=float, help="paper mode tail fraction (0 to 1)")
     parser.add_argument("--mode", choices=["paper", "blockwise"])
+    parser.add_argument("--indicator-feature", choices=["hidden_states", "modulated"],
+                        help="what distances are measured on: the blocks' hidden-states input (default) or their "
+                        "modulated attention input, as the official code does (paper mode)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,8 +88,7 @@ def _compare(args) -> int:
             raise ValueError("--device cannot be set with --context-parallel: each process runs on its own GPU "
                              "(cuda:LOCAL_RANK), or on the CPU where there is none.")
         if args.compare_with:
-            raise ValueError("--compare-with and --context-parallel cannot be combined: the peer caches decide on "
-                             "each process's own shard, so processes would disagree and wait on each other forever.")
+            raise ValueError(PEERS_UNDER_CONTEXT_PARALLEL)
         args.device = init_distributed()
     try:
         return _run_compare(args)
@@ -102,7 +105,8 @@ def _run_compare(args) -> int:
     comparison = run_comparison(
         preset=args.preset, prompt=args.prompt, seed=args.seed, threshold=args.threshold,
         negative_prompt=args.negative_prompt, reuse_interval=args.reuse_interval, tail_fraction=args.tail_fraction,
-        mode=args.mode, num_inference_steps=args.num_inference_steps, num_frames=args.num_frames,
+        mode=args.mode, indicator_feature=args.indicator_feature, num_inference_steps=args.num_inference_steps,
+        num_frames=args.num_frames,
         height=args.height, width=args.width, guidance_scale=args.guidance_scale, device=args.device,
         compare_with=args.compare_with, progress=_terminal_progress if main else None,
         context_parallel=args.context_parallel,

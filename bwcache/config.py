@@ -10,6 +10,8 @@ from typing import Sequence
 import torch
 
 MODES = ("paper", "blockwise")
+INDICATOR_FEATURES = ("hidden_states", "modulated")
+TAIL_RULES = ("guarded", "official")
 INDICATOR_BLOCK_PRESETS = ("all", "every_other")
 CACHE_DTYPES = ("bfloat16", "float16")
 
@@ -29,11 +31,18 @@ class BWCacheConfig:
             and leaves the output bit-identical to running without the cache. Allowed: a finite number ≥ 0.
         reuse_interval (`int`, *optional*):
             R. In paper mode, the number of reused steps between two computed steps once reuse has triggered; in
-            block-wise mode, the most consecutive steps one block may reuse. `None` means `max(1, round(0.1 · T))`
-            for T denoising steps (the paper's 10%). Allowed: an integer ≥ 1.
+            block-wise mode, the most consecutive steps one block may reuse. `None` means `ceil(T / 10)` for T
+            denoising steps (the paper's 10%, at least 1). Allowed: an integer ≥ 1.
         tail_fraction (`float`, defaults to `0.5`):
             Paper mode: after a trigger at step k, the last `max(1, floor(k · tail_fraction))` steps are always
-            computed. Allowed: 0 to 1.
+            computed (see `tail_rule`). Allowed: 0 to 1.
+        paper_tail_steps (`int`, *optional*):
+            Paper mode: an absolute number of last steps always computed after a trigger, instead of
+            `floor(k · tail_fraction)` (the official code's `last_step ≥ 1`). Allowed: an integer ≥ 1.
+        tail_rule (`str`, defaults to `"guarded"`):
+            Paper mode, how a tail of n steps is applied. `"guarded"`: the last max(1, n) steps are computed.
+            `"official"`: exactly the official code's `cal_list[-n:] = 1`, including its edge case: when n is 0
+            (k = 1 at tail_fraction 0.5), `[-0:]` selects the whole list and nothing is ever reused.
         mode (`str`, defaults to `"paper"`):
             `"paper"`: the published method. One indicator per step (mean relative-L1 over the indicator blocks)
             triggers a fixed schedule of R reused steps and one computed step, in which a reused step runs no block.
@@ -46,6 +55,12 @@ class BWCacheConfig:
             Blocks whose input feeds the indicator. `None` or `"all"`: every block. `"every_other"`: blocks 0, 2,
             4, … (the paper's ~50% subset for memory-heavy models). Negative indices count from the last block. In
             block-wise mode only these blocks may reuse; the others are always computed.
+        indicator_feature (`str`, defaults to `"hidden_states"`):
+            What a block's distance is measured on. `"hidden_states"`: the block's hidden-states input (the paper's
+            Eq. 5; every block class). `"modulated"`: the AdaLN-modulated input of the block's attention,
+            `norm1(x)·(1 + scale_msa) + shift_msa` on Wan, as the official code measures it (paper mode only: it
+            exists inside the block, and block-wise mode decides before a block runs; block classes where it is
+            known are listed in `bwcache.blocks.MODULATED_INPUTS`).
         indicator_token_stride (`int`, defaults to `1`):
             Measure distances on every n-th token only, which shrinks the stored features n times. Allowed: ≥ 1.
         record_trace (`bool`, defaults to `True`):
@@ -68,9 +83,12 @@ class BWCacheConfig:
     threshold: float = 0.15
     reuse_interval: int | None = None
     tail_fraction: float = 0.5
+    paper_tail_steps: int | None = None
+    tail_rule: str = "guarded"
     mode: str = "paper"
     num_inference_steps: int | None = None
     indicator_blocks: str | Sequence[int] | None = None
+    indicator_feature: str = "hidden_states"
     indicator_token_stride: int = 1
     record_trace: bool = True
     warmup_steps: int = 2
@@ -93,8 +111,20 @@ class BWCacheConfig:
         ):
             raise ValueError(f"tail_fraction must be between 0 and 1, got {self.tail_fraction!r}.")
         self.tail_fraction = float(self.tail_fraction)
+        if self.paper_tail_steps is not None and (not _is_int(self.paper_tail_steps) or self.paper_tail_steps < 1):
+            raise ValueError(f"paper_tail_steps must be an integer ≥ 1 or None, got {self.paper_tail_steps!r}.")
+        if self.tail_rule not in TAIL_RULES:
+            raise ValueError(f"tail_rule must be one of {TAIL_RULES}, got {self.tail_rule!r}.")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
+        if self.indicator_feature not in INDICATOR_FEATURES:
+            raise ValueError(f"indicator_feature must be one of {INDICATOR_FEATURES}, got {self.indicator_feature!r}.")
+        if self.indicator_feature == "modulated" and self.mode != "paper":
+            raise ValueError(
+                "indicator_feature='modulated' works in paper mode only: the modulated input exists inside a block, "
+                "and block-wise mode decides whether to run a block before it runs. Use mode='paper', or "
+                "indicator_feature='hidden_states'."
+            )
         if self.num_inference_steps is not None and (
             not _is_int(self.num_inference_steps) or self.num_inference_steps < 1
         ):
@@ -119,7 +149,26 @@ class BWCacheConfig:
         """R for a run of `num_steps` steps."""
         if self.reuse_interval is not None:
             return self.reuse_interval
-        return max(1, round(0.1 * num_steps))
+        return max(1, -(-num_steps // 10))
+
+    @classmethod
+    def official(
+        cls, threshold: float = 0.15, reuse_interval: int = 3, last_step: float = 0.5, **overrides
+    ) -> "BWCacheConfig":
+        """A config that takes exactly the official code's decisions (hsc113/BWCache, as its ports run it).
+
+        Paper mode on the modulated attention input of every block; R = `reuse_interval` steps whatever T is; after
+        a trigger at step k, the tail is `int(k · last_step)` steps when `last_step < 1`, else `int(last_step)`
+        steps, applied as `cal_list[-n:] = 1` (so n = 0, e.g. k = 1 at 0.5, means no reuse at all).
+        `overrides` set any other field (`record_trace`, `cache_dtype`, `indicator_blocks`, …).
+        """
+        if isinstance(last_step, bool) or not isinstance(last_step, (int, float)) or not 0 <= last_step < math.inf:
+            raise ValueError(f"last_step must be a finite number ≥ 0, got {last_step!r}.")
+        tail = {"tail_fraction": float(last_step)} if last_step < 1 else {"paper_tail_steps": int(last_step)}
+        values = dict(threshold=threshold, reuse_interval=reuse_interval, mode="paper", indicator_feature="modulated",
+                      tail_rule="official", **tail)
+        values.update(overrides)
+        return cls(**values)
 
     def resolved_cache_dtype(self) -> torch.dtype | None:
         return None if self.cache_dtype is None else getattr(torch, self.cache_dtype)

@@ -10,9 +10,11 @@ cached tensors, and rebuilds a reused block's output.
   under `compile_repeated_blocks()` or `transformer.compile()` the blocks' own forwards are compiled and the cache's
   Python state is never guarded on.
 
-Distances. Block i's feature is its hidden-states input h (every `indicator_token_stride`-th token), and its
-distance is the relative L1 `mean|h(s) − h(ref)| / mean|h(ref)|` to a reference input: the previous step's in paper
-mode (paper Eq. 5–7), the input its residual was computed on in block-wise mode. All of a step's distances reach the
+Distances. Block i's feature is its hidden-states input h, or with `indicator_feature="modulated"` the input of its
+attention (AdaLN-modulated; taken by a forward pre-hook on the attention module as the block runs, paper mode
+only), on every `indicator_token_stride`-th token; its distance is the relative L1
+`mean|h(s) − h(ref)| / mean|h(ref)|` to a reference feature: the previous step's in paper mode (paper Eq. 5–7), the
+one its residual was computed on in block-wise mode. All of a step's distances reach the
 host in one sync at the end of the call, except where block-wise mode must decide on one before running its block.
 
 Several processes. Under diffusers' context parallelism each process sees its shard of the sequence: a distance is
@@ -59,15 +61,6 @@ from .stacking import foreign_cache_hooks
 from .trace import Trace
 
 DEFAULT_BRANCH = "default"
-
-
-def relative_l1(current: torch.Tensor, previous: torch.Tensor, previous_norm: torch.Tensor | None = None) -> torch.Tensor:
-    """`mean|current − previous| / mean|previous|` as a float32 scalar tensor (no host sync).
-
-    Sums accumulate in float32; the difference is the one temporary (its `abs` is taken in place).
-    `previous_norm` (`l1_norm(previous)`) saves the second reduction when one reference is compared several times.
-    """
-    return _ratio(_difference_sum(current, previous), l1_norm(previous) if previous_norm is None else previous_norm)
 
 
 def l1_norm(tensor: torch.Tensor) -> torch.Tensor:
@@ -144,12 +137,15 @@ class BWCacheState(BaseState):
         self.chain_heads: list[bool] = [True] * self.num_blocks
         self.output_arity: list[int | None] = [None] * self.num_blocks
         # Within one call.
-        self.step_distances: dict[int, torch.Tensor] = {}
-        self.step_measured: dict[int, torch.Tensor | float] = {}
+        # Distances not yet divided (`_Sums`) or already decided on (floats), and those of reused blocks.
+        self.step_distances: dict[int, "_Sums | float"] = {}
+        self.step_measured: dict[int, float] = {}
         self.step_reused: set[int] = set()
         self.chain_start: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
         self.last_output: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.keep_residual = False
+        # The block whose modulated attention input is to be measured as it runs.
+        self.awaiting_feature: int | None = None
 
 
 class BWCacheHook(ModelHook):
@@ -170,6 +166,7 @@ class BWCacheHook(ModelHook):
         self.blocks = blocks
         self.policy = make_policy(config, len(blocks))
         self.cache_dtype = config.resolved_cache_dtype()
+        self.modulated = config.indicator_feature == "modulated"
         self.state_manager = StateManager(BWCacheState, (len(blocks),))
         self.trace = trace
         self.expert = expert
@@ -187,9 +184,9 @@ class BWCacheHook(ModelHook):
         self._timestep_index: int | None = None
         self._hidden_states_index: int | None = None
         # The context-parallel process group distances are summed over during this call (None: one process), and
-        # where this process's shard starts in the whole sequence, by shard length.
+        # the length of the whole sequence the processes split.
         self.group = None
-        self._shard_starts: dict[int, int] = {}
+        self._sequence_length: int | None = None
         # Set by `apply_bwcache`: its handle, torch's hooks around each call, and each module's forward as ours left it.
         self.handle = None
         self.torch_hooks: tuple = ()
@@ -226,7 +223,6 @@ class BWCacheHook(ModelHook):
             self.state_manager.set_context(CacheContext(DEFAULT_BRANCH))
         try:
             self.group = self._parallel_group(args, kwargs)
-            self._shard_starts = {}
             if self.clock is not None:
                 self.clock.refresh()
                 if self.clock.generation != self._clock_generation:
@@ -262,11 +258,17 @@ class BWCacheHook(ModelHook):
     def _parallel_group(self, args, kwargs):
         """The context-parallel group of this call, after checking the input can be split over it."""
         group = parallel.process_group(self.module)
+        self._sequence_length = None
         if group is not None:
             hidden_states = kwargs.get("hidden_states")
             if hidden_states is None and self._hidden_states_index is not None and self._hidden_states_index < len(args):
                 hidden_states = args[self._hidden_states_index]
-            parallel.check_sequence(self.module, parallel.context_parallel_config(self.module), hidden_states)
+            counted = parallel.token_count(self.module, hidden_states)
+            cp_config = parallel.context_parallel_config(self.module)
+            parallel.check_sequence(cp_config, counted)
+            if self.config.indicator_token_stride > 1:
+                parallel.check_strided_split(cp_config, counted)
+            self._sequence_length = counted[0] if counted is not None else None
         return group
 
     def _leave_context(self) -> None:
@@ -367,6 +369,7 @@ class BWCacheHook(ModelHook):
         state.step_reused = set()
         state.chain_start = None
         state.last_output = None
+        state.awaiting_feature = None
 
         self.policy.plan_step(state)
         if state.computed_step and not state.need_residuals and config.mode == "paper":
@@ -466,35 +469,17 @@ class BWCacheHook(ModelHook):
         plan = self.policy.measure(state, i, i in state.residuals)
 
         features = None
-        if plan.measure:
-            stride = self.config.indicator_token_stride
-            features = _strided(hidden_states, stride, self._token_offset(hidden_states))
-            reference = state.features[i]
-            if reference is not None:
-                if state.feature_norms[i] is None:
-                    state.feature_norms[i] = l1_norm(reference)
-                sums = _Sums(_difference_sum(features, reference), state.feature_norms[i],
-                             self.policy.distance_offset(state, i))
-                if not plan.may_reuse:
-                    # Recorded, not decided on: divided (and summed over processes) with the step's others at its end.
-                    state.step_distances[i] = sums
-                else:
-                    distance = float(self._divide_now(sums))
-                    if self.policy.decide(state, i, distance):
-                        state.step_measured[i] = distance
-                        state.step_reused.add(i)
-                        if self.config.accumulate_distance:
-                            self._keep_features(state, i, features)
-                        return self._reuse_block(spec, state, hidden_states, encoder_hidden_states)
-                    state.step_distances[i] = distance
-            if self.config.mode == "paper":
-                self._keep_features(state, i, features)
+        if plan.measure and self.modulated:
+            # The feature is the block's modulated attention input: measured by `modulated_input` as the block runs.
+            state.awaiting_feature = i
+        elif plan.measure:
+            features = self._features(hidden_states)
+            if self._measure(state, i, features, plan.may_reuse):
+                return self._reuse_block(spec, state, hidden_states, encoder_hidden_states)
 
         if self.config.mode == "blockwise":
             if plan.keep:
-                self._keep_features(state, i, features if features is not None else
-                                    _strided(hidden_states, self.config.indicator_token_stride,
-                                             self._token_offset(hidden_states)))
+                self._keep_features(state, i, features if features is not None else self._features(hidden_states))
             elif i in self.policy.indicator_blocks:
                 # No later step can reuse this block.
                 state.features[i] = state.feature_norms[i] = None
@@ -507,6 +492,43 @@ class BWCacheHook(ModelHook):
             keep_residual = state.need_residuals
         self._open_chain(spec, state, hidden_states, encoder_hidden_states, keep_residual)
         return None
+
+    def _features(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _strided(tensor, self.config.indicator_token_stride, self._token_offset(tensor))
+
+    def _measure(self, state: BWCacheState, i: int, features: torch.Tensor, may_reuse: bool) -> bool:
+        """Block i's distance to its reference feature; whether the block is reused (block-wise mode decides)."""
+        reference = state.features[i]
+        if reference is not None:
+            if state.feature_norms[i] is None:
+                state.feature_norms[i] = l1_norm(reference)
+            sums = _Sums(_difference_sum(features, reference), state.feature_norms[i],
+                         self.policy.distance_offset(state, i))
+            if not may_reuse:
+                # Recorded, not decided on: divided (and summed over processes) with the step's others at its end.
+                state.step_distances[i] = sums
+            else:
+                distance = float(self._divide_now(sums))
+                if self.policy.decide(state, i, distance):
+                    state.step_measured[i] = distance
+                    state.step_reused.add(i)
+                    if self.config.accumulate_distance:
+                        self._keep_features(state, i, features)
+                    return True
+                state.step_distances[i] = distance
+        if self.config.mode == "paper":
+            self._keep_features(state, i, features)
+        return False
+
+    @torch.compiler.disable
+    def modulated_input(self, spec: BlockSpec, module, args, kwargs) -> None:
+        """Forward pre-hook of a block's attention (`indicator_feature="modulated"`): its input is the feature."""
+        state = self.active
+        if state is None or state.awaiting_feature != spec.index:
+            return
+        state.awaiting_feature = None
+        features = kwargs.get("hidden_states", args[0] if args else None)
+        self._measure(state, spec.index, self._features(features), may_reuse=False)
 
     @torch.compiler.disable
     def after_block(self, spec: BlockSpec, output) -> None:
@@ -549,11 +571,9 @@ class BWCacheHook(ModelHook):
             return 0
         dim = 1 if hidden_states.ndim >= 3 else 0
         length = hidden_states.shape[dim]
-        if length not in self._shard_starts:
-            self._shard_starts[length] = parallel.shard_start(
-                self.group, length, parallel.context_parallel_config(self.module), hidden_states.device
-            )
-        return -self._shard_starts[length] % stride
+        start = parallel.shard_start(self.group, length, parallel.context_parallel_config(self.module),
+                                     self._sequence_length)
+        return -start % stride
 
     def _divide_now(self, sums: _Sums) -> torch.Tensor:
         """A distance a block's decision waits for (summed over the context-parallel group first)."""

@@ -69,19 +69,35 @@ def all_reduce_sum(values: torch.Tensor, group) -> torch.Tensor:
     return values
 
 
-def shard_start(group, length: int, cp_config, device) -> int:
-    """Where this process's shard of `length` tokens starts in the whole sequence.
+def check_strided_split(cp_config, counted: tuple[int, str] | None) -> None:
+    """An uneven split needs the sequence length to place every-n-th tokens; refuse before any block runs (on every
+    process alike) when the model input does not tell it."""
+    if (cp_config.ulysses_anything or cp_config.ring_anything) and counted is None:
+        raise ValueError(_UNPLACED.format(describe(cp_config)))
 
-    Even splits (diffusers' default) need no communication; the `anything` modes split unevenly, so the shard
-    lengths are gathered (one small all-reduce).
+
+_UNPLACED = (
+    "indicator_token_stride > 1 with an uneven context-parallel split ({}) needs to know where each process's "
+    "tokens start, and this block's sequence does not follow the model input's split. Use indicator_token_stride=1, "
+    "or an even split."
+)
+
+
+def shard_start(group, length: int, cp_config, sequence_length: int | None) -> int:
+    """Where this process's shard of `length` tokens starts in the whole sequence (no communication).
+
+    Even splits (diffusers' default) start at rank · length. The `anything` modes split `sequence_length` tokens
+    as `tensor_split` does (the first `L mod N` shards one token longer); a shard that does not fit that layout
+    is refused, since the processes could not agree on where their tokens start.
     """
-    rank = dist.get_rank(group)
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
     if not (cp_config.ulysses_anything or cp_config.ring_anything):
         return rank * length
-    lengths = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
-    lengths[rank] = length
-    all_reduce_sum(lengths, group)
-    return int(lengths[:rank].sum())
+    if sequence_length is not None:
+        base, extra = divmod(sequence_length, size)
+        if length == base + (rank < extra):
+            return rank * base + min(rank, extra)
+    raise ValueError(_UNPLACED.format(describe(cp_config)))
 
 
 def _attention_backend(module: torch.nn.Module) -> str | None:
@@ -135,19 +151,25 @@ def check_model(module: torch.nn.Module, cp_config) -> None:
         )
 
 
-def check_sequence(module: torch.nn.Module, cp_config, hidden_states) -> None:
-    """Refuse a video whose token count the processes cannot split evenly (unless an `anything` mode allows it)."""
-    if cp_config.ulysses_anything or cp_config.ring_anything or not isinstance(hidden_states, torch.Tensor):
-        return
-    model = unwrap_module(module)
-    patch = getattr(getattr(model, "config", None), "patch_size", None)
+def token_count(module: torch.nn.Module, hidden_states) -> tuple[int, str] | None:
+    """The model input's sequence length and how it comes about, where the input's layout tells it: a video
+    latent (B, C, F, H, W) cut in the model's `patch_size`, or tokens (B, S, C)."""
+    if not isinstance(hidden_states, torch.Tensor):
+        return None
+    patch = getattr(getattr(unwrap_module(module), "config", None), "patch_size", None)
     if hidden_states.ndim == 5 and isinstance(patch, (tuple, list)) and len(patch) == 3:
         grid = [size // p for size, p in zip(hidden_states.shape[2:], patch)]
-        tokens, shape = math.prod(grid), f"{grid[0]} latent frames × {grid[1]} × {grid[2]} patches"
-    elif hidden_states.ndim == 3:
-        tokens, shape = hidden_states.shape[1], "tokens"
-    else:
+        return math.prod(grid), f"{grid[0]} latent frames × {grid[1]} × {grid[2]} patches"
+    if hidden_states.ndim == 3:
+        return hidden_states.shape[1], "tokens"
+    return None
+
+
+def check_sequence(cp_config, counted: tuple[int, str] | None) -> None:
+    """Refuse a video whose token count the processes cannot split evenly (unless an `anything` mode allows it)."""
+    if cp_config.ulysses_anything or cp_config.ring_anything or counted is None:
         return
+    tokens, shape = counted
     processes = cp_config.ring_degree * cp_config.ulysses_degree
     if tokens % processes:
         raise ValueError(
@@ -202,6 +224,12 @@ def enable_context_parallel(transformer_or_pipeline, kind: str = "ulysses") -> N
     degree = dist.get_world_size()
     probe = parallel_config_for(kind, degree)
     for transformer in transformers:
+        existing = context_parallel_config(transformer)
+        if existing is not None:
+            raise ValueError(
+                f"{type(unwrap_module(transformer)).__name__} already runs context parallelism ({describe(existing)}); "
+                "it can be enabled once per model."
+            )
         check_model(transformer, probe)
 
     accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
@@ -241,8 +269,8 @@ def ensure_context_parallel(pipe, kind: str) -> None:
     found = {describe(config) if config is not None else "none" for config in configs}
     if found != {wanted}:
         raise ValueError(
-            f"The pipeline already runs context parallelism {', '.join(sorted(found))}, not {wanted}; "
-            "load it afresh to change it."
+            f"The pipeline's denoisers already run context parallelism ({', '.join(sorted(found))}), not {wanted} "
+            "on every denoiser; load the pipeline afresh to change it."
         )
 
 
@@ -260,20 +288,20 @@ def launched_by_torchrun() -> bool:
 
 
 def init_distributed() -> str:
-    """Join the process group torchrun set up (NCCL on CUDA, else gloo); returns this process's device."""
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on a CPU); returns this process's device."""
     if not launched_by_torchrun():
         raise ValueError(
             "Context parallelism runs one process per GPU: launch with "
             "torchrun --nproc_per_node=N -m bwcache compare ... --context-parallel ulysses"
         )
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
+    if torch.accelerator.is_available():
+        torch.accelerator.set_device_index(local_rank)
+        device = f"{torch.accelerator.current_accelerator().type}:{local_rank}"
     else:
         device = "cpu"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(dist.get_default_backend_for_device(torch.device(device).type))
     return device
 
 

@@ -88,10 +88,12 @@ _loaded: dict[tuple[str, str], object] = {}
 
 
 def get_pipeline(preset: Preset, device: str | None = None):
-    """The preset's pipeline, loaded once; only one pipeline is kept, so switching presets frees the last."""
+    """The preset's pipeline, loaded once; one pipeline is kept per device, so switching presets frees the last one
+    on that device (a CPU preset leaves the GPU's loaded)."""
     key = (preset.name, device or default_device())
     if key not in _loaded:
-        _loaded.clear()
+        for other in [k for k in _loaded if k[1] == key[1]]:
+            del _loaded[other]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         _loaded[key] = load_pipeline(preset, key[1])

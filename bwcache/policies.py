@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import BWCacheConfig
-from .schedule import paper_schedule
+from .schedule import config_schedule
 
 
 @dataclass
@@ -82,7 +82,7 @@ class PaperPolicy(Policy):
 
     Step 0 is computed. At each computed step s ≥ 1 before the trigger the indicator is the mean relative-L1
     distance of the indicator blocks' inputs to the previous step's; the first step k with indicator < δ starts
-    `paper_schedule(k, T, R, tail_fraction)`. After the trigger no distance is measured.
+    `paper_schedule(k, T, R, tail_fraction, paper_tail_steps, tail_rule)`. After the trigger no distance is measured.
     """
 
     def plan_step(self, state) -> None:
@@ -98,7 +98,7 @@ class PaperPolicy(Policy):
             if step < 1:
                 return False
             # A trigger at this very step would start the schedule from here.
-            schedule = paper_schedule(step, state.num_steps, state.reuse_interval, self.config.tail_fraction)
+            schedule = config_schedule(self.config, step, state.num_steps)
         return not all(schedule[step + 1 :])
 
     def measure(self, state, i: int, has_residual: bool) -> BlockPlan:
@@ -113,7 +113,7 @@ class PaperPolicy(Policy):
         if state.computed_step and state.schedule is None and indicator is not None and step >= 1:
             if indicator < config.threshold:
                 state.trigger_step = step
-                state.schedule = paper_schedule(step, state.num_steps, state.reuse_interval, config.tail_fraction)
+                state.schedule = config_schedule(config, step, state.num_steps)
         reused = set() if state.computed_step else set(range(self.num_blocks))
         return StepOutcome(indicator, reused, state.trigger_step)
 

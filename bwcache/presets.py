@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import resources
 from .config import BWCacheConfig
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
     "frames_rule_ok",
 ]
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESETS_DIR = resources.PRESETS_DIR
 
 # Shown first in menus: it runs anywhere without downloads.
 FIRST_PRESET = "tiny-shapes"
@@ -59,7 +60,8 @@ _DEFAULT_KEYS = (
 )
 _LIMIT_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "prompt_max_chars")
 _BWCACHE_KEYS = ("threshold", "reuse_interval", "tail_fraction", "mode", "indicator_blocks")
-_BWCACHE_OPTIONAL_KEYS = ("warmup_steps", "tail_steps", "accumulate_distance", "indicator_token_stride", "cache_dtype")
+_BWCACHE_OPTIONAL_KEYS = ("warmup_steps", "tail_steps", "accumulate_distance", "indicator_token_stride", "cache_dtype",
+                          "indicator_feature", "tail_rule", "paper_tail_steps")
 
 _RULE_RE = re.compile(r"^\s*(\d+)\s*k\s*(?:\+\s*(\d+))?\s*$")
 

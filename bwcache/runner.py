@@ -26,10 +26,15 @@ from .clock import pipeline_experts
 from .metrics import compare_videos
 from .pipelines import call_kwargs, default_device, device_name, get_pipeline
 from .presets import Preset, load_preset
+from .resources import package_version
 from .schedule import predict_schedule
 from .trace import reuse_fraction
 
 Progress = Callable[[float, str], None]
+PEERS_UNDER_CONTEXT_PARALLEL = (
+    "--compare-with cannot run under context parallelism: the peer caches decide on each process's own shard, so "
+    "processes would disagree and wait on each other forever."
+)
 AUTO = "auto"
 
 # Fields a request may set, with the preset's defaults filling the rest.
@@ -38,12 +43,21 @@ SETTING_KEYS = ("prompt", "negative_prompt", "height", "width", "num_frames", "n
 
 @dataclass
 class Comparison:
-    """A finished comparison: the JSON-able run record plus both videos as float frames (T, H, W, 3) in [0, 1]."""
+    """A finished comparison: the JSON-able run record plus both videos as frames (T, H, W, 3): float in [0, 1] (as
+    `run_comparison` returns them) or uint8 (`as_uint8`)."""
 
     record: dict
     baseline_frames: np.ndarray = field(repr=False)
     bwcache_frames: np.ndarray = field(repr=False)
     peer_frames: np.ndarray | None = field(default=None, repr=False)
+
+    def as_uint8(self) -> "Comparison":
+        """The same comparison with uint8 frames: a quarter of the bytes, for crossing a process boundary (the
+        quality figures are already in the record, computed on the float frames)."""
+        from .video import to_uint8
+
+        peer = None if self.peer_frames is None else to_uint8(self.peer_frames)
+        return Comparison(self.record, to_uint8(self.baseline_frames), to_uint8(self.bwcache_frames), peer)
 
 
 def resolve_preset(preset: str | Preset) -> Preset:
@@ -138,12 +152,13 @@ def _quality(baseline: np.ndarray, cached: np.ndarray, device: str) -> dict:
     }
 
 
-def _traced_warmup(pipe, preset, settings, device, report, measure_blocks=True):
-    """The threshold-0 run: warms up, records the full distance map and the share of time spent in DiT blocks."""
+def _traced_warmup(pipe, preset, settings, device, report, measure_blocks=True, indicator_feature="hidden_states"):
+    """The threshold-0 run: warms up, records the full distance map (of the feature the cached run measures) and
+    the share of time spent in DiT blocks."""
     # The timer goes on first, so it sits inside BWCache's block hooks: the cache's own work is not block time.
     timer = block_timer(pipe, device) if measure_blocks else None
     try:
-        with cached(pipe, BWCacheConfig(threshold=0.0)) as handle:
+        with cached(pipe, BWCacheConfig(threshold=0.0, indicator_feature=indicator_feature)) as handle:
             frames, seconds = generate(pipe, preset, settings, device, report)
     finally:
         if timer is not None:
@@ -242,6 +257,7 @@ def run_comparison(
     tail_fraction: float | None = None,
     mode: str | None = None,
     indicator_blocks=None,
+    indicator_feature: str | None = None,
     num_inference_steps: int | None = None,
     num_frames: int | None = None,
     height: int | None = None,
@@ -269,22 +285,21 @@ def run_comparison(
     steps = settings["num_inference_steps"]
     config = resolve_config(
         preset, steps, threshold=threshold, reuse_interval=reuse_interval, tail_fraction=tail_fraction, mode=mode,
-        indicator_blocks=indicator_blocks,
+        indicator_blocks=indicator_blocks, indicator_feature=indicator_feature,
     )
     if compare_with is not None:
         peers.check_method(compare_with)
     if context_parallel is not None:
         parallel.check_kind(context_parallel)
         if compare_with is not None:
-            raise ValueError(
-                "--compare-with cannot run under context parallelism: the peer caches decide on each process's "
-                "own shard, so processes would disagree and wait on each other forever."
-            )
+            raise ValueError(PEERS_UNDER_CONTEXT_PARALLEL)
     device = device or default_device()
     pipe = pipe if pipe is not None else get_pipeline(preset, device)
     check_prompt(pipe, preset, settings)
     if context_parallel is not None:
         parallel.ensure_context_parallel(pipe, context_parallel)
+    if compare_with is not None and parallel.run_description(pipe) is not None:
+        raise ValueError(PEERS_UNDER_CONTEXT_PARALLEL)
     if compare_with is not None:
         reason = peers.applicability(compare_with, pipe, settings)
         if reason:
@@ -295,7 +310,9 @@ def run_comparison(
         names += [f"{peers.METHODS[compare_with]} calibration"] * (compare_with == "magcache")
         names.append(peers.METHODS[compare_with])
     stages = _Stages(progress, names, steps)
-    baseline_trace, warm_frames, block_share = _traced_warmup(pipe, preset, settings, device, stages.reporter(0))
+    baseline_trace, warm_frames, block_share = _traced_warmup(
+        pipe, preset, settings, device, stages.reporter(0), indicator_feature=config.indicator_feature
+    )
     baseline_frames, baseline_seconds = generate(pipe, preset, settings, device, stages.reporter(1))
     with cached(pipe, config) as handle:
         cached_frames, cached_seconds = generate(pipe, preset, settings, device, stages.reporter(2))
@@ -401,7 +418,7 @@ def run_sweep(
 ) -> dict:
     """The cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ."""
     preset = resolve_preset(preset)
-    cache_keys = ("reuse_interval", "tail_fraction", "mode", "indicator_blocks")
+    cache_keys = ("reuse_interval", "tail_fraction", "mode", "indicator_blocks", "indicator_feature")
     cache_overrides = {key: overrides.pop(key) for key in cache_keys if key in overrides}
     settings = resolve_settings(preset, prompt=prompt, seed=seed, **overrides)
     steps = settings["num_inference_steps"]
@@ -414,7 +431,10 @@ def run_sweep(
 
     names = ["warm-up", "uncached"] + [f"δ={t:g}" for t in thresholds]
     stages = _Stages(progress, names, steps)
-    baseline_trace, _, block_share = _traced_warmup(pipe, preset, settings, device, stages.reporter(0))
+    feature = resolve_config(preset, steps, threshold=0.0, **cache_overrides).indicator_feature
+    baseline_trace, _, block_share = _traced_warmup(
+        pipe, preset, settings, device, stages.reporter(0), indicator_feature=feature
+    )
     baseline_frames, baseline_seconds = generate(pipe, preset, settings, device, stages.reporter(1))
     rows = []
     for k, delta in enumerate(thresholds):
@@ -448,4 +468,4 @@ def run_sweep(
 def _versions() -> dict:
     import diffusers
 
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, _package: "0.1.0"}
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, _package: package_version()}

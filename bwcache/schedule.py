@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import math
-
 from .config import BWCacheConfig
 
 
-def tail_length(trigger_step: int, tail_fraction: float) -> int:
-    """Steps at the end that are always computed after a trigger at `trigger_step`.
-
-    At least one: the official code's `cal_list[-0:]` would otherwise select the whole list and disable reuse.
-    """
-    return max(1, math.floor(trigger_step * tail_fraction))
+def tail_length(trigger_step: int, tail_fraction: float, paper_tail_steps: int | None = None) -> int:
+    """The tail's length n after a trigger at `trigger_step`, before any rule applies it: `paper_tail_steps`, or
+    `int(k · tail_fraction)` as the official code computes it."""
+    return paper_tail_steps if paper_tail_steps is not None else int(trigger_step * tail_fraction)
 
 
-def paper_schedule(trigger_step: int | None, num_steps: int, reuse_interval: int, tail_fraction: float) -> list[bool]:
+def paper_schedule(
+    trigger_step: int | None,
+    num_steps: int,
+    reuse_interval: int,
+    tail_fraction: float,
+    paper_tail_steps: int | None = None,
+    tail_rule: str = "guarded",
+) -> list[bool]:
     """`computed[s]` for every step: R reused steps, one computed step, repeating after the trigger, and a computed tail.
+
+    The tail of n = `tail_length(...)` steps: with `tail_rule="guarded"` the last max(1, n) steps; with
+    `"official"` the official code's `cal_list[-n:] = 1`, where n = 0 selects the whole list (no reuse).
 
     >>> "".join("C" if c else "r" for c in paper_schedule(5, 30, 3, 0.5))
     'CCCCCCrrrCrrrCrrrCrrrCrrrCrrCC'
@@ -26,9 +32,21 @@ def paper_schedule(trigger_step: int | None, num_steps: int, reuse_interval: int
         return computed
     for step in range(trigger_step + 1, num_steps):
         computed[step] = (step - trigger_step - 1) % (reuse_interval + 1) == reuse_interval
-    for step in range(max(0, num_steps - tail_length(trigger_step, tail_fraction)), num_steps):
-        computed[step] = True
+    tail = tail_length(trigger_step, tail_fraction, paper_tail_steps)
+    if tail_rule == "official":
+        computed[-tail:] = [True] * len(computed[-tail:])
+    else:
+        for step in range(max(0, num_steps - max(1, tail)), num_steps):
+            computed[step] = True
     return computed
+
+
+def config_schedule(config: BWCacheConfig, trigger_step: int | None, num_steps: int) -> list[bool]:
+    """`paper_schedule` with a config's R, tail and tail rule."""
+    return paper_schedule(
+        trigger_step, num_steps, config.resolved_reuse_interval(num_steps), config.tail_fraction,
+        config.paper_tail_steps, config.tail_rule,
+    )
 
 
 def find_trigger(indicator: list[float | None], threshold: float) -> int | None:
@@ -55,6 +73,11 @@ def predict_schedule(trace_dict: dict, config: BWCacheConfig) -> dict:
         raise ValueError(f"predict_schedule supports mode='paper' only, got mode={config.mode!r}.")
     num_blocks = trace_dict["num_blocks"]
     recorded = BWCacheConfig.from_dict(trace_dict["config"])
+    if recorded.indicator_feature != config.indicator_feature:
+        raise ValueError(
+            f"The trace measured indicator_feature={recorded.indicator_feature!r}, the config asks for "
+            f"{config.indicator_feature!r}: predict from an uncached trace of the same feature."
+        )
     recorded_blocks = recorded.resolve_indicator_blocks(num_blocks)
     wanted_blocks = config.resolve_indicator_blocks(num_blocks)
     branches = {}
@@ -75,9 +98,7 @@ def predict_schedule(trace_dict: dict, config: BWCacheConfig) -> dict:
         else:
             indicator = [_mean_over(row, wanted_blocks, name, step) for step, row in enumerate(branch["distance"])]
         trigger = find_trigger(indicator, config.threshold)
-        computed = paper_schedule(
-            trigger, num_steps, config.resolved_reuse_interval(num_steps), config.tail_fraction
-        )
+        computed = config_schedule(config, trigger, num_steps)
         reused_steps = sum(not c for c in computed)
         branches[name] = {
             "trigger_step": trigger,

@@ -133,7 +133,12 @@ def summarize(trace_dict: dict) -> str:
     r = config.get("reuse_interval")
     knobs = f"δ={config['threshold']:g}, R={'auto' if r is None else r}"
     if config["mode"] == "paper":
-        knobs += f", tail={config['tail_fraction']:g}"
+        steps = config.get("paper_tail_steps")
+        knobs += f", tail={steps} steps" if steps else f", tail={config['tail_fraction']:g}"
+        if config.get("tail_rule", "guarded") == "official":
+            knobs += " (official rule)"
+    if config.get("indicator_feature", "hidden_states") == "modulated":
+        knobs += ", modulated attention input"
     model = f" on {trace_dict['model']}" if trace_dict.get("model") else ""
     lines = [f"BWCache ({config['mode']} mode, {knobs}){model}, {num_blocks} blocks"]
     if trace_dict.get("context_parallel"):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import MODES, BWCacheConfig
+from .config import INDICATOR_FEATURES, MODES, BWCacheConfig
 from .figures import heatmap_figure, sweep_figure, tuning_figure
 from .presets import FIRST_PRESET, PRESETS_DIR, Preset, load_preset
 from .report import save_comparison
@@ -45,9 +45,13 @@ BRANCH_ORDER = ("cond", "uncond", "default")
 # ----------------------------------------------------------------------------- presets
 
 
-def available_presets(directory: str | Path | None = None) -> dict[str, Preset]:
+def available_presets(directory: str | Path | None = None, space: bool = False) -> dict[str, Preset]:
     """Every loadable preset by name, tiny-shapes first. A broken preset file is logged and left out, so one bad
-    file does not take the whole app down."""
+    file does not take the whole app down. With `space`, only those the Space's card serves (`bwcache.space`)."""
+    if space:
+        from . import space as hf_space
+
+        return hf_space.served(available_presets(directory), hf_space.card())
     directory = PRESETS_DIR if directory is None else Path(directory)
     presets = {}
     for path in sorted(directory.glob("*.json")):
@@ -108,6 +112,7 @@ def preset_form(preset: Preset, values: Mapping[str, Any] | None = None) -> dict
         "reuse_interval": {"value": AUTO if reuse in (None, AUTO) else str(reuse)},
         "tail_fraction": {"value": float(value("tail_fraction", bw["tail_fraction"]))},
         "mode": {"value": value("mode", bw["mode"])},
+        "indicator_feature": {"value": value("indicator_feature", bw.get("indicator_feature", "hidden_states"))},
         "num_inference_steps": {"value": int(value("num_inference_steps", d["num_inference_steps"])), "step": 1,
                                 "info": f"{s_lo} to {s_hi}"},
         "num_frames": {"value": int(value("num_frames", d["num_frames"])), "step": _frame_step(f_rule),
@@ -227,12 +232,15 @@ def check_request(
     width: Any = None,
     guidance_scale: Any = None,
     seed: Any = None,
+    indicator_feature: Any = None,
 ) -> dict:
     """Everything a comparison needs, checked before any model is loaded: keyword arguments for
     `run_comparison` / `run_sweep` with None meaning the preset's default. Raises ValueError naming the field and
     what is allowed."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
+    if indicator_feature is not None and indicator_feature not in INDICATOR_FEATURES:
+        raise ValueError(f"indicator feature must be one of {', '.join(INDICATOR_FEATURES)}, got {indicator_feature!r}.")
     if negative_prompt is not None and not isinstance(negative_prompt, str):
         raise ValueError(f"negative prompt must be text, got {type(negative_prompt).__name__}.")
     request = {
@@ -243,6 +251,7 @@ def check_request(
         "reuse_interval": parse_reuse_interval(reuse_interval),
         "tail_fraction": _number("tail fraction", tail_fraction, 0.0, 1.0),
         "mode": mode,
+        "indicator_feature": indicator_feature,
         "num_inference_steps": _whole("num_inference_steps (steps)", num_inference_steps),
         "num_frames": _whole("num_frames (frames)", num_frames),
         "height": _whole("height", height),
@@ -265,7 +274,7 @@ def check_request(
 def request_config(preset: Preset, request: Mapping[str, Any]) -> BWCacheConfig:
     """The cache configuration a checked request resolves to (preset defaults filled in)."""
     steps = resolved_settings(preset, request)["num_inference_steps"]
-    keys = ("threshold", "reuse_interval", "tail_fraction", "mode")
+    keys = ("threshold", "reuse_interval", "tail_fraction", "mode", "indicator_feature")
     return resolve_config(preset, steps, **{key: request.get(key) for key in keys})
 
 
@@ -288,10 +297,43 @@ def oom_message(preset: Preset, settings: Mapping[str, Any]) -> str:
     )
 
 
+def needs_gpu(preset: Preset) -> bool:
+    """Whether the preset's model runs on a GPU (the embedded Tiny Shapes runs on a CPU)."""
+    return preset.kind != "tiny"
+
+
+# Measured seconds per denoising step (CFG: both passes) of a model at a video size, by hub id:
+# (seconds, frames, height, width, the VAE's temporal compression). Wan2.1-T2V-1.3B: 5 s of 480P video (81 frames,
+# 50 steps) in about 4 minutes on an RTX 4090 (Wan2.1's model card), 4.8 s per step.
+GPU_SECONDS_PER_STEP = {
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": (4.8, 81, 480, 832, 4),
+}
+# The least share of the measured step time any request costs per step (embedding, norms, launches).
+GPU_STEP_FLOOR = 0.1
+# What a ZeroGPU call spends besides the denoising steps: text encoding, VAE decoding, moving tensors (seconds).
+GPU_OVERHEAD_SECONDS = 20
+
+
 def gpu_seconds(preset: Preset, settings: Mapping[str, Any], runs: int = 3) -> int:
-    """A generous estimate of the GPU time of one comparison (warm-up, uncached and cached runs), for ZeroGPU's
-    `duration`: scales the preset's default workload by steps × frames × pixels, and the model size by its memory."""
+    """The GPU time of one comparison (`runs` generations: warm-up, uncached, cached, …), for ZeroGPU's `duration`.
+
+    Calibrated presets (`GPU_SECONDS_PER_STEP`) scale their measured seconds per step to the request's token count
+    (latent frames × pixels), half the step's time linear in the tokens and half quadratic (attention), at least
+    `GPU_STEP_FLOOR` of it, with a 20% margin, and count every step as uncached; the model is loaded at start-up,
+    outside this time. Other presets get a generous estimate from their memory size.
+    """
     d = preset.defaults
+    calibrated = GPU_SECONDS_PER_STEP.get(preset.hub_id)
+    if calibrated is not None:
+        seconds, frames, height, width, temporal = calibrated
+
+        def tokens(f, h, w):
+            return ((f - 1) // temporal + 1) * h * w
+
+        ratio = tokens(settings["num_frames"], settings["height"], settings["width"]) / tokens(frames, height, width)
+        per_step = seconds * max(GPU_STEP_FLOOR, 0.5 * ratio + 0.5 * ratio * ratio)
+        estimate = GPU_OVERHEAD_SECONDS + runs * settings["num_inference_steps"] * per_step * 1.2
+        return int(min(1800, max(30, estimate)))
     work = (
         settings["num_inference_steps"] / d["num_inference_steps"]
         * settings["num_frames"] / d["num_frames"]
@@ -347,6 +389,10 @@ def branch_choices(record: Mapping[str, Any] | None) -> list[str]:
     return sorted(names, key=lambda n: (BRANCH_ORDER.index(n) if n in BRANCH_ORDER else len(BRANCH_ORDER), n))
 
 
+# What the distances are measured on, in words (`BWCacheConfig.indicator_feature`).
+FEATURE_LABELS = {"hidden_states": "hidden-states input", "modulated": "modulated attention input"}
+
+
 def heatmap(record: Mapping[str, Any] | None, view: str = "uncached", branch: str | None = None,
             log_color: bool = False):
     """The block × step heatmap of a run record: the uncached run's full distance map with the cached run's
@@ -357,11 +403,13 @@ def heatmap(record: Mapping[str, Any] | None, view: str = "uncached", branch: st
     branch = branch if branch in choices else choices[0]
     trace = record["trace"]
     baseline = record.get("baseline_trace")
+    feature = FEATURE_LABELS[trace["config"].get("indicator_feature", "hidden_states")]
     if view == "uncached" and baseline and branch in baseline["branches"]:
         return heatmap_figure(baseline, trace, branch=branch, log_color=log_color,
-                              title=f"Uncached run: relative L1 per block and step ({branch}); × = reused by BWCache")
+                              title=f"Uncached run: relative L1 of each block's {feature} per step ({branch}); "
+                                    "× = reused by BWCache")
     return heatmap_figure(trace, branch=branch, log_color=log_color,
-                          title=f"BWCache run: measured relative L1 ({branch}); × = reused")
+                          title=f"BWCache run: measured relative L1 of each block's {feature} ({branch}); × = reused")
 
 
 def tuning_source(record: Mapping[str, Any] | None = None, *, baseline_trace=None, config=None,

@@ -74,6 +74,10 @@ def cases() -> list[dict]:
     shapes_paper, shapes_step = mid_run_threshold(
         run_case({"model": "shapes", "config": {"threshold": 0.0, "indicator_token_stride": 4}})["trace"]
     )
+    # Every 3rd token: the second process's shard (256 of 512 tokens) starts off the stride, at offset 2.
+    shapes_stride3, _ = mid_run_threshold(
+        run_case({"model": "shapes", "config": {"threshold": 0.0, "indicator_token_stride": 3}})["trace"]
+    )
     assert 3 <= wan_step < WAN_STEPS - 2 and 3 <= shapes_step
     wan = {"model": "wan", "kind": "ulysses"}
     shapes = {"model": "shapes", "kind": "ulysses-anything"}  # its 3 heads do not split evenly over 2 processes
@@ -88,6 +92,8 @@ def cases() -> list[dict]:
         dict(wan, name="wan-blockwise-zero", order="cache-first", config={"threshold": 0.0, "mode": "blockwise"}),
         dict(shapes, name="shapes-paper-cache-first", order="cache-first",
              config={"threshold": shapes_paper, "indicator_token_stride": 4}),
+        dict(shapes, name="shapes-paper-stride-3", order="parallel-first",
+             config={"threshold": shapes_stride3, "indicator_token_stride": 3}),
         dict(shapes, name="shapes-blockwise-parallel-first", order="parallel-first", config=SHAPES_PRESET),
         dict(shapes, name="shapes-blockwise-zero", order="cache-first", config={**SHAPES_PRESET, "threshold": 0.0}),
     ]
@@ -254,3 +260,23 @@ def test_the_sharded_benchmark_runs_on_two_processes(tmp_path):
     assert rows["paper_every_step"]["all_reduces_per_step"] == pytest.approx(2 * 5 / 6)
     assert rows["blockwise_forced"]["all_reduces_per_step"] > rows["paper_every_step"]["all_reduces_per_step"]
     assert rows["paper_forced"]["reuse_fraction"] == 0.5
+
+
+def test_uneven_shards_start_where_tensor_split_puts_them(monkeypatch):
+    """The `anything` modes split L tokens as tensor_split does; every-n-th tokens then continue across shards."""
+    from types import SimpleNamespace
+
+    from bwcache import parallel
+
+    uneven = SimpleNamespace(ulysses_anything=True, ring_anything=False, ulysses_degree=2, ring_degree=1)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda group: 2)
+    picked = []
+    for rank, shard in enumerate(torch.arange(9).tensor_split(2)):
+        monkeypatch.setattr(parallel.dist, "get_rank", lambda group, rank=rank: rank)
+        start = parallel.shard_start(None, len(shard), uneven, 9)
+        picked += shard[-start % 2::2].tolist()
+    assert picked == list(range(0, 9, 2))
+    with pytest.raises(ValueError, match="uneven context-parallel split"):
+        parallel.shard_start(None, 7, uneven, 9)
+    with pytest.raises(ValueError, match="uneven context-parallel split"):
+        parallel.check_strided_split(uneven, None)

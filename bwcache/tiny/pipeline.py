@@ -21,9 +21,10 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..resources import TINY_SHAPES_DIR
 from .text import TinyTextEncoder
 
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny-shapes"
+ASSETS_DIR = TINY_SHAPES_DIR
 CONFIG_NAME = "config.json"
 TRANSFORMER_WEIGHTS = "transformer.safetensors"
 TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"

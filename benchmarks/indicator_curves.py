@@ -1,0 +1,120 @@
+"""The embedded model's indicator over the denoising steps, under both indicator features.
+
+    python benchmarks/indicator_curves.py --json benchmarks/results/indicator-curves.json \
+        --svg benchmarks/results/indicator-curves.svg
+
+For each feature (the blocks' hidden-states input, and their AdaLN-modulated attention input as the official code
+measures it), one uncached (δ = 0) generation per prompt at the preset's default size and steps records every
+block's relative-L1 distance to the previous step; the indicator is their mean over all blocks (every token). The
+figure shows, per feature, the mean over prompts and CFG branches, with the range over prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bwcache import BWCacheConfig, cached  # noqa: E402
+from bwcache.bench import TINY_PROMPTS  # noqa: E402
+from bwcache.pipelines import get_pipeline  # noqa: E402
+from bwcache.presets import load_preset  # noqa: E402
+from bwcache.runner import call_kwargs, resolve_settings  # noqa: E402
+
+FEATURES = {"hidden_states": "hidden-states input", "modulated": "modulated attention input"}
+COLOURS = {"hidden_states": "#1f77b4", "modulated": "#d62728"}
+
+
+def curves(prompts: list[str], seed: int = 0) -> dict:
+    preset = load_preset("tiny-shapes")
+    pipe = get_pipeline(preset, "cpu")
+    result = {}
+    for feature in FEATURES:
+        per_prompt = []
+        for prompt in prompts:
+            settings = resolve_settings(preset, prompt=prompt, seed=seed)
+            config = BWCacheConfig(threshold=0.0, indicator_feature=feature)
+            with cached(pipe, config) as handle:
+                pipe(**call_kwargs(preset, settings), generator=torch.Generator().manual_seed(seed), output_type="np")
+            branches = handle.trace.to_dict()["branches"].values()
+            # Mean over CFG branches; step 0 has no previous step.
+            per_prompt.append(np.mean([[np.nan if v is None else v for v in b["indicator"]] for b in branches], axis=0))
+        values = np.array(per_prompt)
+        result[feature] = {
+            "mean": [None if np.isnan(v) else float(v) for v in np.nanmean(values, axis=0)],
+            "min": [None if np.isnan(v) else float(v) for v in np.nanmin(values, axis=0)],
+            "max": [None if np.isnan(v) else float(v) for v in np.nanmax(values, axis=0)],
+            "per_prompt": {p: [None if np.isnan(v) else float(v) for v in row] for p, row in zip(prompts, values)},
+        }
+    return {"preset": preset.name, "prompts": prompts, "seed": seed, "features": result}
+
+
+def svg(data: dict, width: int = 720, height: int = 400) -> str:
+    """A dependency-free line chart: per feature the mean over prompts and a band for their range."""
+    left, right, top, bottom = 60, 220, 20, 50
+    steps = len(next(iter(data["features"].values()))["mean"])
+    top_value = max(v for f in data["features"].values() for v in f["max"] if v is not None) * 1.05
+
+    def sx(step):
+        return left + (step - 1) / max(1, steps - 2) * (width - left - right)
+
+    def sy(value):
+        return height - bottom - value / top_value * (height - top - bottom)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+           f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">denoising step</text>',
+           f'<text x="14" y="{(top + height - bottom) / 2}" transform="rotate(-90 14 {(top + height - bottom) / 2})" '
+           'text-anchor="middle">indicator (mean relative L1 over blocks)</text>']
+    for step in range(1, steps, max(1, (steps - 1) // 6)):
+        out.append(f'<text x="{sx(step):.1f}" y="{height - bottom + 15}" text-anchor="middle">{step}</text>')
+    for tick in np.linspace(0, top_value, 6):
+        out.append(f'<text x="{left - 6}" y="{sy(tick) + 4:.1f}" text-anchor="end">{tick:.2f}</text>')
+    for k, (feature, values) in enumerate(data["features"].items()):
+        colour = COLOURS[feature]
+        band = [(sx(s), sy(values["max"][s])) for s in range(1, steps)]
+        band += [(sx(s), sy(values["min"][s])) for s in reversed(range(1, steps))]
+        out.append(f'<polygon points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in band)}" fill="{colour}" '
+                   'fill-opacity="0.15" stroke="none"/>')
+        line = " ".join(f"{sx(s):.1f},{sy(values['mean'][s]):.1f}" for s in range(1, steps))
+        out.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        out.append(f'<line x1="{width - right + 10}" y1="{top + 10 + 18 * k}" x2="{width - right + 30}" '
+                   f'y2="{top + 10 + 18 * k}" stroke="{colour}" stroke-width="2"/>')
+        out.append(f'<text x="{width - right + 36}" y="{top + 14 + 18 * k}">{FEATURES[feature]}</text>')
+    out.append(f'<text x="{width - right + 10}" y="{top + 58}">lines: mean over prompts</text>')
+    out.append(f'<text x="{width - right + 10}" y="{top + 74}">bands: range over prompts</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=4, help="the first N prompts of the benchmark's list")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--svg", type=Path)
+    args = parser.parse_args(argv)
+    data = curves(list(TINY_PROMPTS[: args.prompts]))
+    for feature, values in data["features"].items():
+        mean = values["mean"]
+        low = min(range(1, len(mean)), key=lambda s: mean[s])
+        print(f"{FEATURES[feature]:<26} step 1: {mean[1]:.3f}  lowest: {mean[low]:.3f} at step {low}  "
+              f"last: {mean[-1]:.3f}")
+    for path, text in ((args.json, json.dumps(data, indent=1)), (args.svg, svg(data) if args.svg else None)):
+        if path is not None:
+            if path.exists():
+                raise FileExistsError(f"Refusing to overwrite {path}; remove it or choose another path.")
+            path.write_text(text)
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
