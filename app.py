@@ -353,14 +353,14 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
                     elem_id="indicator-feature",
                 )
                 with gr.Row():
-                    num_inference_steps = gr.Number(label="Steps", precision=0, elem_id="steps")
-                    num_frames = gr.Number(label="Frames", precision=0, elem_id="frames")
+                    num_inference_steps = gr.Number(label="Steps", precision=None, elem_id="steps")
+                    num_frames = gr.Number(label="Frames", precision=None, elem_id="frames")
                 with gr.Row():
-                    height = gr.Number(label="Height", precision=0, elem_id="height")
-                    width = gr.Number(label="Width", precision=0, elem_id="width")
+                    height = gr.Number(label="Height", precision=None, elem_id="height")
+                    width = gr.Number(label="Width", precision=None, elem_id="width")
                 guidance_scale = gr.Number(label="Guidance scale", elem_id="guidance")
                 with gr.Row():
-                    seed = gr.Number(label="Seed", precision=0, info="the seed used is shown here after a run",
+                    seed = gr.Number(label="Seed", precision=None, info="the seed used is shown here after a run",
                                      elem_id="seed")
                     randomize_seed = gr.Checkbox(False, label="Randomize seed")
             examples_slot = gr.Column()  # filled below, once the outputs the examples fill exist

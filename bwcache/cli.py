@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,7 +75,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _writable(path: Path, option: str, folder: bool) -> None:
+    """Refuse an output path that cannot be written, before any model work."""
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file; give a folder.")
+    if not folder and path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file path.")
+    existing = path if folder and path.exists() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path} cannot be created: {existing} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path} cannot be written: no write permission in {existing}.")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N.") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu.")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}.")
+    elif parsed.type != "cpu":
+        raise ValueError(f"--device {device}: BWCache runs on cpu or cuda.")
+
+
+def _preflight(args) -> None:
+    """Everything checkable before any model work: output paths, the device, and the settings against the preset's
+    allowed ranges (the same checks as the app's)."""
+    if args.json:
+        _writable(args.json, "--json", folder=False)
+    if args.out_dir:
+        _writable(args.out_dir, "--out-dir", folder=True)
+    if args.device:
+        _check_device(args.device)
+    from .runner import resolve_preset
+    from .ui import check_request
+
+    check_request(
+        resolve_preset(args.preset), prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+        threshold=args.threshold, reuse_interval=args.reuse_interval, tail_fraction=args.tail_fraction,
+        mode=args.mode, num_inference_steps=args.num_inference_steps, num_frames=args.num_frames,
+        height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+        indicator_feature=args.indicator_feature,
+    )
+
+
 def _compare(args) -> int:
+    _preflight(args)
     targets = []
     if args.json:
         targets.append(args.json)

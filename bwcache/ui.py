@@ -217,6 +217,9 @@ def check_seed(seed: Any, randomize: bool = False) -> int | None:
     return seed
 
 
+NEGATIVE_PROMPT_MAX_CHARS = 2000
+
+
 def check_request(
     preset: Preset,
     *,
@@ -243,6 +246,9 @@ def check_request(
         raise ValueError(f"indicator feature must be one of {', '.join(INDICATOR_FEATURES)}, got {indicator_feature!r}.")
     if negative_prompt is not None and not isinstance(negative_prompt, str):
         raise ValueError(f"negative prompt must be text, got {type(negative_prompt).__name__}.")
+    if isinstance(negative_prompt, str) and len(negative_prompt) > NEGATIVE_PROMPT_MAX_CHARS:
+        raise ValueError(f"negative prompt is {len(negative_prompt)} characters long; at most "
+                         f"{NEGATIVE_PROMPT_MAX_CHARS} are allowed.")
     request = {
         "prompt": prompt,
         "negative_prompt": negative_prompt,

@@ -41,6 +41,28 @@ def test_bad_input_is_a_clear_error(tmp_path):
     done = cli("compare", "--prompt", "a purple square moving right", cwd=tmp_path)
     assert done.returncode == 2 and "purple" in done.stderr and "vocabulary" in done.stderr
     done = cli("compare", "--threshold", "-1", cwd=tmp_path)
-    assert done.returncode == 2 and "threshold must be a finite number ≥ 0" in done.stderr
+    assert done.returncode == 2 and "δ (threshold) = -1 is outside the allowed range 0 to 1" in done.stderr
     done = cli("compare", "--frames", "99", cwd=tmp_path)
     assert done.returncode == 2 and "num_frames = 99 is not allowed" in done.stderr
+
+
+def test_bad_outputs_devices_and_ranges_are_refused_before_any_model_work(tmp_path):
+    """Each refusal comes before the model loads: no progress line, nothing written."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cases = [
+        (["--out-dir", str(blocker)], "is a file; give a folder"),
+        (["--out-dir", str(blocker / "run")], f"cannot be created: {blocker} is a file"),
+        (["--json", str(tmp_path)], "is a folder; give a file path"),
+        (["--json", str(blocker / "run.json")], f"cannot be created: {blocker} is a file"),
+        (["--device", "gpu7"], "is not a device"),
+        (["--device", "cuda:3"], "no CUDA GPU is available here"),
+        (["--threshold", "1.5"], "δ (threshold) = 1.5 is outside the allowed range 0 to 1"),
+        (["--steps", "4", "--reuse-interval", "9"], "R (reuse interval) = 9 is more than the 4 steps"),
+    ]
+    for arguments, message in cases:
+        done = cli("compare", *arguments, cwd=tmp_path)
+        assert done.returncode == 2, (arguments, done.stderr)
+        assert message in done.stderr, (arguments, done.stderr)
+        assert "warm-up" not in done.stderr, arguments
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

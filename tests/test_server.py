@@ -99,6 +99,9 @@ def test_compare_default_preset_over_http(client):
         ({"prompt": "a cat", "num_frames": 6}, "num_frames = 6"),
         ({"prompt": "a cat", "reuse_interval": "often"}, "R (reuse interval)"),
         ({"prompt": "a cat", "threshold": 1.5}, "1.5"),
+        # Not rounded on the way in: the app's own check sees the number as sent.
+        ({"prompt": "a cat", "num_inference_steps": 4.5}, "must be a whole number, got 4.5"),
+        ({"prompt": "a cat", "seed": 1.5}, "1.5"),
     ],
 )
 def test_bad_input_raises_and_the_server_keeps_serving(client, kwargs, message):
@@ -122,3 +125,17 @@ def test_sweep_over_http(client):
     assert json.loads(plot["plot"])["data"][0]["mode"] == "markers+text"
     assert [row[0] for row in table["data"]] == [0.1, 0.3]
     assert Path(csv_file).read_text().startswith("threshold,")
+
+
+def test_a_prompt_with_no_known_word_is_refused_and_the_server_keeps_serving(client):
+    with pytest.raises(AppError) as excinfo:
+        client.predict(prompt="!!! ???", preset="tiny-shapes", threshold=0.3, seed=0, num_inference_steps=4,
+                       num_frames=8, api_name="/compare")
+    assert "no word the Tiny Shapes model knows" in str(excinfo.value)
+    with pytest.raises(AppError) as excinfo:
+        client.predict(prompt="a red square moving right", preset="tiny-shapes", negative_prompt="blurry",
+                       threshold=0.3, seed=0, num_inference_steps=4, num_frames=8, api_name="/compare")
+    assert "negative prompt contains words outside" in str(excinfo.value)
+    result = client.predict(prompt="a red square moving right", preset="tiny-shapes", threshold=0.3, seed=0,
+                            num_inference_steps=4, num_frames=8, api_name="/compare")
+    assert result[4]["prompt"] == "a red square moving right"

@@ -164,7 +164,7 @@ class TinyShapesPipeline(DiffusionPipeline):
         self, prompt: str | list[str], negative_prompt: str | list[str] | None, do_cfg: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompt_embeds = self.text_encoder.encode(prompts)
+        prompt_embeds = self.text_encoder.encode(prompts, "prompt")
         negative_prompt_embeds = None
         if do_cfg:
             negative_prompt = "" if negative_prompt is None else negative_prompt
@@ -173,7 +173,7 @@ class TinyShapesPipeline(DiffusionPipeline):
                 raise ValueError(
                     f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; they must match"
                 )
-            negative_prompt_embeds = self.text_encoder.encode(negatives)
+            negative_prompt_embeds = self.text_encoder.encode(negatives, "negative prompt")
         return prompt_embeds, negative_prompt_embeds
 
     @property

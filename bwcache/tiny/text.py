@@ -27,33 +27,42 @@ class TinyTokenizer:
     def words(self) -> list[str]:
         return self.vocab[1:]
 
-    def split(self, prompt: str) -> list[str]:
+    def split(self, prompt: str, field: str = "prompt") -> list[str]:
         if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+            raise ValueError(f"{field} must be a string, got {type(prompt).__name__}")
         # Apostrophes and digits are split out too, so they surface as unknown words.
         return re.findall(r"[a-z0-9']+", prompt.lower())
 
-    def encode(self, prompt: str) -> list[int]:
-        words = self.split(prompt)
+    def encode(self, prompt: str, field: str = "prompt") -> list[int]:
+        """Token ids of a prompt. Refused, naming `field` as the user sees it: characters the encoder cannot read
+        (they would vanish), words outside the vocabulary, text with no word at all, and too many words."""
+        words = self.split(prompt, field)
+        unreadable = sorted(set(re.findall(r"[^a-z0-9'\s.,;:!?()\-]", prompt.lower())))
+        if unreadable:
+            raise ValueError(
+                f"{field} contains characters the Tiny Shapes text encoder cannot read: {' '.join(unreadable[:10])}. "
+                f"Use only the words: {', '.join(self.words)}."
+            )
         unknown = [w for w in words if w not in self.index or w == PAD]
         if unknown:
-            uniq = list(dict.fromkeys(unknown))
+            uniq = [w if len(w) <= 24 else w[:21] + "…" for w in dict.fromkeys(unknown)]
             raise ValueError(
-                f"prompt {prompt!r} contains words outside the Tiny Shapes vocabulary: {', '.join(uniq)}. "
+                f"{field} contains words outside the Tiny Shapes vocabulary: {', '.join(uniq[:10])}. "
                 f"Known words: {', '.join(self.words)}."
             )
+        if prompt.strip() and not words:
+            raise ValueError(f"{field} has no word the Tiny Shapes model knows. Use the words: {', '.join(self.words)}.")
         if len(words) > self.max_length:
             raise ValueError(
-                f"prompt {prompt!r} has {len(words)} words; the Tiny Shapes text encoder reads at most "
-                f"{self.max_length}."
+                f"{field} has {len(words)} words; the Tiny Shapes text encoder reads at most {self.max_length}."
             )
         return [self.index[w] for w in words]
 
-    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, prompts: list[str], field: str = "prompt") -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, L) padded to max_length, and a bool mask of real tokens."""
         ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            tokens = self.encode(prompt)
+            tokens = self.encode(prompt, field)
             if tokens:
                 ids[row, : len(tokens)] = torch.tensor(tokens)
         return ids, ids != 0
@@ -118,9 +127,9 @@ class TinyTextEncoder(nn.Module):
         null = self.null_embedding[: ids.shape[1]].to(x.dtype).expand_as(x)
         return torch.where(empty[:, None, None], null, x)
 
-    def encode(self, prompts: str | list[str]) -> torch.Tensor:
-        """encoder_hidden_states (B, max_length, dim) for the given prompts."""
+    def encode(self, prompts: str | list[str], field: str = "prompt") -> torch.Tensor:
+        """encoder_hidden_states (B, max_length, dim) for the given prompts (`field` names them in errors)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        ids, mask = self.tokenizer(list(prompts))
+        ids, mask = self.tokenizer(list(prompts), field)
         return self(ids.to(self.device), mask.to(self.device))
