@@ -13,8 +13,13 @@ try:
 except ImportError:
     spaces = None
 
+import asyncio
+import functools
 import os
+import signal
+import threading
 from contextlib import contextmanager
+from contextvars import ContextVar
 from inspect import signature
 from pathlib import Path
 
@@ -26,7 +31,7 @@ from bwcache import ui
 from bwcache.pipelines import PipelineUnavailable, get_pipeline
 from bwcache.presets import Preset
 from bwcache.report import summary_markdown
-from bwcache.runner import run_comparison, run_sweep
+from bwcache.runner import RunCancelled, run_comparison, run_sweep
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = ROOT / "assets" / "examples"
@@ -34,6 +39,16 @@ EXAMPLES_DIR = ROOT / "assets" / "examples"
 OUTPUT_ROOT = Path(os.environ.get("BWCACHE_OUTPUT_DIR", "outputs")).resolve()
 # Preset name -> an already built pipeline to use instead of loading the preset's weights (tests inject tiny ones).
 PIPELINE_OVERRIDES: dict[str, object] = {}
+# How many run folders OUTPUT_ROOT keeps (the oldest go first).
+MAX_RUNS = ui.max_runs(os.environ)
+# Uploads: the app takes none, so Gradio's upload route accepts nothing bigger than this.
+MAX_FILE_SIZE = "1mb"
+# One run at a time on the shared pipelines, held by the thread doing it until its run has really stopped: a
+# cancelled event frees its queue slot at once, but its thread finishes its denoising step first.
+PIPELINE_LOCK = threading.Lock()
+# The cancel event of the event handler this thread works for (see `cancellable`), and those of every run under way.
+_CANCEL: ContextVar[threading.Event | None] = ContextVar("bwcache_cancel", default=None)
+_RUNNING: set[threading.Event] = set()
 
 ON_ZERO_GPU = spaces is not None and bool(spaces.config.Config.zero_gpu)
 # On a Hugging Face Space the app offers the presets whose weights the Space preloads (README front matter).
@@ -49,6 +64,14 @@ CSS = """
 #run-button { min-height: 48px; }
 .preset-notes { font-size: 0.85em; opacity: 0.85; }
 """
+
+
+class FieldNumber(gr.Number):
+    """A number field whose value reaches the app's own checks as sent: not rounded, not bounded by Gradio, and text
+    passed on, so the message names the field as users see it and its allowed range."""
+
+    def preprocess(self, payload):
+        return payload
 
 
 def gpu(duration):
@@ -114,19 +137,19 @@ def _device(spec) -> str | None:
     return None if ui.needs_gpu(spec) else "cpu"
 
 
-def _comparison_seconds(preset_name, request, compare_with=None, progress=None):
+def _comparison_seconds(preset_name, request, compare_with=None, progress=None, cancel=None):
     preset = PRESETS[preset_name]
     # Warm-up, uncached and cached runs, the peer's run, and MagCache's calibration run.
     runs = 3 + (compare_with is not None) + (compare_with == "magcache")
     return ui.gpu_seconds(preset, ui.resolved_settings(preset, request), runs=runs)
 
 
-def _compare_work(preset_name, request, compare_with=None, progress=None):
+def _compare_work(preset_name, request, compare_with=None, progress=None, cancel=None):
     spec = PRESETS[preset_name]
     extra = {"compare_with": compare_with} if compare_with is not None else {}
     with _user_errors(spec, ui.resolved_settings(spec, request)):
         comparison = run_comparison(preset_name, pipe=PIPELINE_OVERRIDES.get(preset_name), device=_device(spec),
-                                    progress=_progress(progress), **request, **extra)
+                                    progress=_progress(progress), cancel=cancel, **request, **extra)
     # uint8 frames cross back from the GPU process: a quarter of the float frames' bytes.
     return comparison.as_uint8()
 
@@ -135,29 +158,74 @@ _compare_on_gpu = gpu(duration=_comparison_seconds)(_compare_work)
 
 
 def _run_comparison(preset_name, request, compare_with=None, progress=None):
-    work = _compare_on_gpu if ui.needs_gpu(PRESETS[preset_name]) else _compare_work
-    return work(preset_name, request, compare_with, progress=progress)
+    work, cancel = _placed(PRESETS[preset_name], _compare_on_gpu, _compare_work)
+    with PIPELINE_LOCK:
+        return work(preset_name, request, compare_with, progress=progress, cancel=cancel)
 
 
-def _sweep_seconds(preset_name, request, thresholds, progress=None):
+def _placed(spec, on_gpu, here):
+    """The function to run a preset's work with, and the cancel event to give it: a ZeroGPU worker process cannot
+    share one (it stops when ZeroGPU's call ends)."""
+    if not ui.needs_gpu(spec):
+        return here, _CANCEL.get()
+    return on_gpu, None if ON_ZERO_GPU else _CANCEL.get()
+
+
+def _sweep_seconds(preset_name, request, thresholds, progress=None, cancel=None):
     preset = PRESETS[preset_name]
     return ui.gpu_seconds(preset, ui.resolved_settings(preset, request), runs=2 + len(thresholds))
 
 
-def _sweep_work(preset_name, request, thresholds, progress=None):
+def _sweep_work(preset_name, request, thresholds, progress=None, cancel=None):
     spec = PRESETS[preset_name]
     settings = {key: value for key, value in request.items() if key not in ("prompt", "seed", "threshold")}
     with _user_errors(spec, ui.resolved_settings(spec, request)):
         return run_sweep(preset_name, request["prompt"], request["seed"], thresholds, device=_device(spec),
-                         pipe=PIPELINE_OVERRIDES.get(preset_name), progress=_progress(progress), **settings)
+                         pipe=PIPELINE_OVERRIDES.get(preset_name), progress=_progress(progress), cancel=cancel,
+                         **settings)
 
 
 _sweep_on_gpu = gpu(duration=_sweep_seconds)(_sweep_work)
 
 
 def _run_sweep(preset_name, request, thresholds, progress=None):
-    work = _sweep_on_gpu if ui.needs_gpu(PRESETS[preset_name]) else _sweep_work
-    return work(preset_name, request, thresholds, progress=progress)
+    work, cancel = _placed(PRESETS[preset_name], _sweep_on_gpu, _sweep_work)
+    with PIPELINE_LOCK:
+        return work(preset_name, request, thresholds, progress=progress, cancel=cancel)
+
+
+def _save(kind, write) -> dict:
+    """A finished run's files in a new folder (which appears only once complete), unless the event was cancelled
+    meanwhile; then the oldest folders beyond MAX_RUNS go, never the new one."""
+    cancel = _CANCEL.get()
+    if cancel is not None and cancel.is_set():
+        raise RunCancelled("cancelled before its files were written")
+    paths = ui.save_run_folder(OUTPUT_ROOT, kind, write)
+    ui.prune_runs(OUTPUT_ROOT, MAX_RUNS, in_use={Path(next(iter(paths.values()))).parent.name})
+    return paths
+
+
+def cancellable(function):
+    """The event handler Gradio runs for `function`: the work goes to a thread, and a cancelled event (which Gradio
+    answers by cancelling this coroutine) sets the run's cancel event, so the run stops at its next step, writes
+    nothing, and lets go of the pipeline."""
+
+    @functools.wraps(function)
+    async def handler(*args, **kwargs):
+        cancel = threading.Event()
+        token = _CANCEL.set(cancel)
+        _RUNNING.add(cancel)
+        try:
+            # `to_thread` runs in a copy of this context: the thread sees the cancel event.
+            return await asyncio.to_thread(function, *args, **kwargs)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        finally:
+            _RUNNING.discard(cancel)
+            _CANCEL.reset(token)
+
+    return handler
 
 
 # ----------------------------------------------------------------------------- event functions
@@ -204,7 +272,7 @@ def compare(
         settings = ui.resolved_settings(spec, request)
     with _user_errors(spec, settings):
         comparison = _run_comparison(spec.name, request, peer, progress=progress)
-    paths = ui.save_run(comparison, ui.new_run_dir(OUTPUT_ROOT))
+    paths = _save("run", lambda folder: ui.save_run(comparison, folder))
     record = comparison.record
     return (
         paths["baseline"],
@@ -253,7 +321,7 @@ def sweep(
         settings = ui.resolved_settings(spec, request)
     with _user_errors(spec, settings):
         result = _run_sweep(spec.name, request, values, progress=progress)
-    paths = ui.save_sweep(result, ui.new_run_dir(OUTPUT_ROOT, "sweep"))
+    paths = _save("sweep", lambda folder: ui.save_sweep(result, folder))
     tuning = ui.tuning_source(baseline_trace=result["baseline_trace"], config=ui.request_config(spec, request),
                               block_share=result.get("block_share"))
     return ui.sweep_plot(result), pd.DataFrame(ui.sweep_table(result), columns=ui.SWEEP_HEADERS), paths["csv"], tuning
@@ -332,6 +400,9 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
             threshold = gr.Slider(0.0, 1.0, value=PRESETS[DEFAULT_PRESET].bwcache["threshold"], step=0.005,
                                   label="δ (threshold)", info="higher = more reuse, faster, lower fidelity",
                                   elem_id="threshold")
+            # What Run sends: the slider's value, copied here as it moves. The API sees this field, empty by
+            # default, so a call that leaves δ out (or sends null) gets the preset's own default.
+            threshold_value = FieldNumber(None, label="δ (threshold)", visible=False)
             compare_with = gr.Dropdown(PEER_CHOICES, value=ui.NO_PEER, label="Compare against",
                                        info="also run another cache on the same prompt", visible=PEERS_SUPPORTED,
                                        elem_id="compare-with")
@@ -342,7 +413,7 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
                 with gr.Row():
                     reuse_interval = gr.Textbox(label="R (reuse interval)", info='"auto" (10% of steps) or a number',
                                                 elem_id="reuse-interval")
-                    tail_fraction = gr.Number(label="Tail fraction", step=0.05,
+                    tail_fraction = FieldNumber(label="Tail fraction", step=0.05,
                                               info="share of the trigger step always computed at the end")
                 mode = gr.Radio(["paper", "blockwise"], label="Mode",
                                 info="paper: one indicator per step; blockwise: each block decides")
@@ -353,14 +424,14 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
                     elem_id="indicator-feature",
                 )
                 with gr.Row():
-                    num_inference_steps = gr.Number(label="Steps", precision=None, elem_id="steps")
-                    num_frames = gr.Number(label="Frames", precision=None, elem_id="frames")
+                    num_inference_steps = FieldNumber(label="Steps", precision=None, elem_id="steps")
+                    num_frames = FieldNumber(label="Frames", precision=None, elem_id="frames")
                 with gr.Row():
-                    height = gr.Number(label="Height", precision=None, elem_id="height")
-                    width = gr.Number(label="Width", precision=None, elem_id="width")
-                guidance_scale = gr.Number(label="Guidance scale", elem_id="guidance")
+                    height = FieldNumber(label="Height", precision=None, elem_id="height")
+                    width = FieldNumber(label="Width", precision=None, elem_id="width")
+                guidance_scale = FieldNumber(label="Guidance scale", elem_id="guidance")
                 with gr.Row():
-                    seed = gr.Number(label="Seed", precision=None, info="the seed used is shown here after a run",
+                    seed = FieldNumber(label="Seed", precision=None, info="the seed used is shown here after a run",
                                      elem_id="seed")
                     randomize_seed = gr.Checkbox(False, label="Randomize seed")
             examples_slot = gr.Column()  # filled below, once the outputs the examples fill exist
@@ -414,14 +485,15 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
                    run_state]
     example_outputs = run_outputs + [c for c in form if c not in run_outputs]
 
+    threshold.change(lambda value: value, threshold, threshold_value, queue=False, api_visibility="private")
     # Controls start empty so that API calls which leave them out get the preset's defaults; the page fills them.
     demo.load(fill_preset, preset, form, queue=False, api_visibility="private")
     # `input`, not `change`: examples set the preset themselves, together with their own settings.
     preset.input(fill_preset, preset, form, queue=False, api_visibility="private")
 
     run.click(
-        compare,
-        [prompt, preset, threshold, seed, *settings_inputs, randomize_seed, compare_with, indicator_feature],
+        cancellable(compare),
+        [prompt, preset, threshold_value, seed, *settings_inputs, randomize_seed, compare_with, indicator_feature],
         run_outputs,
         api_name="compare",
         concurrency_limit=1,
@@ -439,7 +511,7 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
     threshold.release(retune, [tuning_state, threshold], [tuning_plot, tuning_text], queue=False,
                       api_visibility="private")
     sweep_button.click(
-        sweep,
+        cancellable(sweep),
         [prompt, preset, thresholds, seed, *settings_inputs, indicator_feature],
         [sweep_plot, sweep_table, sweep_file, tuning_state],
         api_name="sweep",
@@ -477,9 +549,22 @@ def launch(**overrides):
         "theme": gr.themes.Soft(),
         "css": CSS,
         "allowed_paths": [str(EXAMPLES_DIR), str(OUTPUT_ROOT)],
+        "max_file_size": MAX_FILE_SIZE,
     }
     options.update(overrides)
+    ui.remove_partial_runs(OUTPUT_ROOT)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
     return demo.launch(**options)
+
+
+def _stop(signum, frame):
+    """SIGTERM: runs under way stop at their next step and write nothing, no half-written run folder stays behind;
+    then the server stops as on Ctrl-C."""
+    for cancel in list(_RUNNING):
+        cancel.set()
+    ui.remove_partial_runs(OUTPUT_ROOT)
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -119,14 +119,21 @@ def generate(pipe, preset: Preset, settings: dict, device: str, on_step: Callabl
     return _frames(output), time.perf_counter() - start
 
 
-class _Stages:
-    """Progress over several generations of the same number of steps."""
+class RunCancelled(Exception):
+    """The run was cancelled (its `cancel` event set); it stopped at the end of a denoising step."""
 
-    def __init__(self, progress: Progress | None, names: list[str], steps: int):
-        self.progress, self.names, self.steps = progress, names, steps
+
+class _Stages:
+    """Progress over several generations of the same number of steps; a set `cancel` event stops the run at the
+    end of the step under way."""
+
+    def __init__(self, progress: Progress | None, names: list[str], steps: int, cancel=None):
+        self.progress, self.names, self.steps, self.cancel = progress, names, steps, cancel
 
     def reporter(self, index: int) -> Callable[[int], None]:
         def report(step: int) -> None:
+            if self.cancel is not None and self.cancel.is_set():
+                raise RunCancelled(f"cancelled during {self.names[index]}, after step {step + 1}/{self.steps}")
             if self.progress is not None:
                 done = index * self.steps + step + 1
                 self.progress(done / (len(self.names) * self.steps), f"{self.names[index]}: step {step + 1}/{self.steps}")
@@ -268,6 +275,7 @@ def run_comparison(
     pipe=None,
     progress: Progress | None = None,
     context_parallel: str | None = None,
+    cancel=None,
 ) -> Comparison:
     """Run `prompt` without and with BWCache on the preset's model and return the run record and both videos.
 
@@ -276,6 +284,7 @@ def run_comparison(
     (tests use tiny random components); otherwise the preset's pipeline is loaded (once) on `device`.
     `context_parallel` (one of `bwcache.parallel.KINDS`) shards the denoisers over all processes of an initialised
     `torch.distributed` group (`bwcache.parallel.init_distributed()`); every process calls this function.
+    `cancel` (a `threading.Event`) stops the run at the end of the step under way once set: `RunCancelled`.
     """
     preset = resolve_preset(preset)
     settings = resolve_settings(
@@ -309,7 +318,7 @@ def run_comparison(
     if compare_with is not None:
         names += [f"{peers.METHODS[compare_with]} calibration"] * (compare_with == "magcache")
         names.append(peers.METHODS[compare_with])
-    stages = _Stages(progress, names, steps)
+    stages = _Stages(progress, names, steps, cancel)
     baseline_trace, warm_frames, block_share = _traced_warmup(
         pipe, preset, settings, device, stages.reporter(0), indicator_feature=config.indicator_feature
     )
@@ -414,6 +423,7 @@ def run_sweep(
     device: str | None = None,
     pipe=None,
     progress: Progress | None = None,
+    cancel=None,
     **overrides,
 ) -> dict:
     """The cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ."""
@@ -430,7 +440,7 @@ def run_sweep(
     check_prompt(pipe, preset, settings)
 
     names = ["warm-up", "uncached"] + [f"δ={t:g}" for t in thresholds]
-    stages = _Stages(progress, names, steps)
+    stages = _Stages(progress, names, steps, cancel)
     feature = resolve_config(preset, steps, threshold=0.0, **cache_overrides).indicator_feature
     baseline_trace, _, block_share = _traced_warmup(
         pipe, preset, settings, device, stages.reporter(0), indicator_feature=feature

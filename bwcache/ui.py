@@ -11,6 +11,7 @@ import math
 import numbers
 import re
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -352,6 +353,9 @@ def gpu_seconds(preset: Preset, settings: Mapping[str, Any], runs: int = 3) -> i
 # ----------------------------------------------------------------------------- output folders
 
 
+PARTIAL_PREFIX = ".partial-"
+
+
 def new_run_dir(root: str | Path, kind: str = "run") -> Path:
     """A new, empty folder under `root` named by time and a random suffix; never an existing one."""
     root = Path(root)
@@ -363,6 +367,55 @@ def new_run_dir(root: str | Path, kind: str = "run") -> Path:
             return path
         except FileExistsError:
             continue
+
+
+def save_run_folder(root: str | Path, kind: str, write) -> dict:
+    """`write(folder)`'s files in a new run folder under `root`, which appears only once complete: they are written
+    into a hidden `.partial-` folder first and moved into place in one rename. Returns `write`'s paths, moved."""
+    partial = new_run_dir(root, kind)
+    hidden = partial.with_name(PARTIAL_PREFIX + partial.name)
+    partial.rename(hidden)
+    try:
+        paths = write(hidden)
+        hidden.rename(partial)
+    except BaseException:
+        shutil.rmtree(hidden, ignore_errors=True)
+        raise
+    return {key: str(partial / Path(path).relative_to(hidden)) for key, path in paths.items()}
+
+
+def remove_partial_runs(root: str | Path) -> list[Path]:
+    """Delete run folders left half-written (a process stopped while saving); returns them."""
+    root = Path(root)
+    removed = [p for p in root.glob(PARTIAL_PREFIX + "*") if p.is_dir()] if root.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def prune_runs(root: str | Path, keep: int, in_use: set[str] | frozenset = frozenset()) -> list[Path]:
+    """Delete the oldest complete run folders beyond the newest `keep`, never one named in `in_use`."""
+    root = Path(root)
+    if keep < 1 or not root.is_dir():
+        return []
+    runs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(PARTIAL_PREFIX)
+                  and re.match(r"\d{8}-\d{6}-", p.name))
+    removed = [p for p in runs[: max(0, len(runs) - keep)] if p.name not in in_use]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def max_runs(environ: Mapping[str, str]) -> int:
+    """`BWCACHE_MAX_RUNS` (default 50): how many run folders the app keeps."""
+    text = environ.get("BWCACHE_MAX_RUNS", "50")
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"BWCACHE_MAX_RUNS must be a whole number ≥ 1, got {text!r}.") from None
+    if value < 1:
+        raise ValueError(f"BWCACHE_MAX_RUNS must be a whole number ≥ 1, got {value}.")
+    return value
 
 
 def save_run(comparison, run_dir: str | Path) -> dict:

@@ -72,6 +72,9 @@ def test_run_plays_both_videos_and_draws_the_heatmap(page, tmp_path):
             browser.fill(page, elem_id, value)
         browser.click(page, "#advanced-settings button, #advanced-settings .label-wrap")
 
+    # δ as typed into the slider's box is the δ the run uses.
+    browser.fill(page, "threshold", 0.25)
+    time.sleep(0.5)
     browser.click(page, "#run-button")
     playing = browser.wait_for(page, browser.VIDEOS_PLAYING, 180, "both videos to play")
     assert isinstance(playing, list), f"a video failed to play: {playing}"
@@ -80,7 +83,7 @@ def test_run_plays_both_videos_and_draws_the_heatmap(page, tmp_path):
     rendered = browser.wait_for(page, browser.HEATMAP_RENDERED, 60, "the heatmap")
     assert rendered["types"][0] == "heatmap" and "reused" in rendered["names"]
     summary = page.execute_script("return document.querySelector('#summary').innerText")
-    assert "speedup" in summary and "uncached" in summary
+    assert "speedup" in summary and "uncached" in summary and "δ=0.25" in summary
     assert not page.execute_script(browser.ERROR_TOAST)
 
     # The whole page, top to bottom, with the results in view.

@@ -139,3 +139,22 @@ def test_a_prompt_with_no_known_word_is_refused_and_the_server_keeps_serving(cli
     result = client.predict(prompt="a red square moving right", preset="tiny-shapes", threshold=0.3, seed=0,
                             num_inference_steps=4, num_frames=8, api_name="/compare")
     assert result[4]["prompt"] == "a red square moving right"
+
+
+def test_threshold_left_out_or_null_is_the_presets_default(client):
+    wan_default = app.PRESETS[WAN].bwcache["threshold"]
+    assert wan_default != app.PRESETS["tiny-shapes"].bwcache["threshold"]
+    for extra in ({}, {"threshold": None}):
+        result = client.predict(prompt="a cat", preset=WAN, seed=0, **WAN_SMALL, **extra, api_name="/compare")
+        assert result[4]["config"]["threshold"] == wan_default, extra
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [(-0.1, "δ (threshold) = -0.1 is outside the allowed range 0 to 1"),
+     ("often", "δ (threshold) must be a number from 0 to 1, got 'often'")],
+)
+def test_a_bad_threshold_gets_our_message(client, value, message):
+    with pytest.raises(AppError) as excinfo:
+        client.predict(prompt="a cat", preset=WAN, threshold=value, seed=0, **WAN_SMALL, api_name="/compare")
+    assert message in str(excinfo.value)

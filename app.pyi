@@ -1,0 +1,577 @@
+"""BWCache Explorer: one prompt run without and with BWCache, side by side, with timings, quality and the cache's
+per-block decisions. UI and wiring only; the work is in `bwcache.runner`, the helpers in `bwcache.ui`.
+
+    python app.py            # honours GRADIO_SERVER_NAME, GRADIO_SERVER_PORT and PORT
+"""
+
+from __future__ import annotations
+
+# First: on ZeroGPU, `spaces` must be imported before anything initialises CUDA (torch, diffusers). Its decorator
+# is a no-op everywhere else.
+try:
+    import spaces
+except ImportError:
+    spaces = None
+
+import asyncio
+import functools
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
+from inspect import signature
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import torch
+
+from bwcache import ui
+from bwcache.pipelines import PipelineUnavailable, get_pipeline
+from bwcache.presets import Preset
+from bwcache.report import summary_markdown
+from bwcache.runner import RunCancelled, run_comparison, run_sweep
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES_DIR = ROOT / "assets" / "examples"
+# Each run writes into a new folder here; relative to the working directory so Gradio may serve the files.
+OUTPUT_ROOT = Path(os.environ.get("BWCACHE_OUTPUT_DIR", "outputs")).resolve()
+# Preset name -> an already built pipeline to use instead of loading the preset's weights (tests inject tiny ones).
+PIPELINE_OVERRIDES: dict[str, object] = {}
+# How many run folders OUTPUT_ROOT keeps (the oldest go first).
+MAX_RUNS = ui.max_runs(os.environ)
+# Uploads: the app takes none, so Gradio's upload route accepts nothing bigger than this.
+MAX_FILE_SIZE = "1mb"
+# One run at a time on the shared pipelines, held by the thread doing it until its run has really stopped: a
+# cancelled event frees its queue slot at once, but its thread finishes its denoising step first.
+PIPELINE_LOCK = threading.Lock()
+# The cancel event of the event handler this thread works for (see `cancellable`), and those of every run under way.
+_CANCEL: ContextVar[threading.Event | None] = ContextVar("bwcache_cancel", default=None)
+_RUNNING: set[threading.Event] = set()
+
+ON_ZERO_GPU = spaces is not None and bool(spaces.config.Config.zero_gpu)
+# On a Hugging Face Space the app offers the presets whose weights the Space preloads (README front matter).
+PRESETS = ui.available_presets(space=bool(os.environ.get("SPACE_ID")))
+DEFAULT_PRESET = ui.default_preset_name(PRESETS)
+EXAMPLES = ui.list_examples(EXAMPLES_DIR, PRESETS)
+PEER_CHOICES = [("none", ui.NO_PEER)] + [(label, key) for key, label in ui.PEER_METHODS.items()]
+PEERS_SUPPORTED = "compare_with" in signature(run_comparison).parameters
+DEFAULT_SWEEP = "0.05, 0.1, 0.15, 0.2, 0.3"
+
+CSS = """
+.video-pair video { max-height: 420px; }
+#run-button { min-height: 48px; }
+.preset-notes { font-size: 0.85em; opacity: 0.85; }
+"""
+
+from gradio.events import Dependency
+
+class FieldNumber(gr.Number):
+    """A number field whose value reaches the app's own checks as sent: not rounded, not bounded by Gradio, and text
+    passed on, so the message names the field as users see it and its allowed range."""
+
+    def preprocess(self, payload):
+        return payload
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def gpu(duration):
+    """`spaces.GPU(duration=...)` when the `spaces` package is there; the function unchanged otherwise."""
+    if spaces is None:
+        return lambda fn: fn
+    return spaces.GPU(duration=duration)
+
+
+def _progress(progress):
+    if progress is None:
+        return None
+    return lambda fraction, desc: progress(fraction, desc=desc)
+
+
+def _preset(name) -> Preset:
+    name = DEFAULT_PRESET if name in (None, "") else name
+    if name not in PRESETS:
+        raise gr.Error(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.", title="Invalid settings",
+                       print_exception=False)
+    return PRESETS[name]
+
+
+@contextmanager
+def _user_errors(preset=None, settings=None):
+    """Turn what users can cause into readable messages; the server keeps serving after any of them."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except torch.cuda.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        message = ui.oom_message(preset, settings) if preset and settings else "The GPU ran out of memory."
+        raise gr.Error(message, title="Out of GPU memory") from None
+    except PipelineUnavailable as error:
+        raise gr.Error(str(error), title="Model unavailable", print_exception=False) from None
+    except FileNotFoundError as error:
+        raise gr.Error(str(error), title="Model unavailable", print_exception=False) from None
+    except ValueError as error:
+        raise gr.Error(str(error), title="Invalid settings", print_exception=False) from None
+
+
+# ----------------------------------------------------------------------------- GPU work
+# On ZeroGPU the work runs in a GPU worker process, and every exception but a `gr.Error` comes back as a generic
+# "ZeroGPU worker error": so the work turns errors into our messages itself, inside the GPU function. The CPU-only
+# Tiny Shapes preset runs outside it, spending no GPU quota.
+
+if ON_ZERO_GPU:
+    # ZeroGPU wants models on CUDA at import time (CUDA is emulated outside the GPU functions). A model that cannot
+    # load leaves the app serving the others; choosing it later shows why.
+    for _spec in PRESETS.values():
+        if ui.needs_gpu(_spec):
+            try:
+                get_pipeline(_spec, "cuda")
+            except PipelineUnavailable as error:
+                print(f"{_spec.label} is not loaded: {error}")
+
+
+def _device(spec) -> str | None:
+    """The CPU for the CPU-only preset (ZeroGPU reports CUDA available outside its GPU functions too); else the
+    default."""
+    return None if ui.needs_gpu(spec) else "cpu"
+
+
+def _comparison_seconds(preset_name, request, compare_with=None, progress=None, cancel=None):
+    preset = PRESETS[preset_name]
+    # Warm-up, uncached and cached runs, the peer's run, and MagCache's calibration run.
+    runs = 3 + (compare_with is not None) + (compare_with == "magcache")
+    return ui.gpu_seconds(preset, ui.resolved_settings(preset, request), runs=runs)
+
+
+def _compare_work(preset_name, request, compare_with=None, progress=None, cancel=None):
+    spec = PRESETS[preset_name]
+    extra = {"compare_with": compare_with} if compare_with is not None else {}
+    with _user_errors(spec, ui.resolved_settings(spec, request)):
+        comparison = run_comparison(preset_name, pipe=PIPELINE_OVERRIDES.get(preset_name), device=_device(spec),
+                                    progress=_progress(progress), cancel=cancel, **request, **extra)
+    # uint8 frames cross back from the GPU process: a quarter of the float frames' bytes.
+    return comparison.as_uint8()
+
+
+_compare_on_gpu = gpu(duration=_comparison_seconds)(_compare_work)
+
+
+def _run_comparison(preset_name, request, compare_with=None, progress=None):
+    work, cancel = _placed(PRESETS[preset_name], _compare_on_gpu, _compare_work)
+    with PIPELINE_LOCK:
+        return work(preset_name, request, compare_with, progress=progress, cancel=cancel)
+
+
+def _placed(spec, on_gpu, here):
+    """The function to run a preset's work with, and the cancel event to give it: a ZeroGPU worker process cannot
+    share one (it stops when ZeroGPU's call ends)."""
+    if not ui.needs_gpu(spec):
+        return here, _CANCEL.get()
+    return on_gpu, None if ON_ZERO_GPU else _CANCEL.get()
+
+
+def _sweep_seconds(preset_name, request, thresholds, progress=None, cancel=None):
+    preset = PRESETS[preset_name]
+    return ui.gpu_seconds(preset, ui.resolved_settings(preset, request), runs=2 + len(thresholds))
+
+
+def _sweep_work(preset_name, request, thresholds, progress=None, cancel=None):
+    spec = PRESETS[preset_name]
+    settings = {key: value for key, value in request.items() if key not in ("prompt", "seed", "threshold")}
+    with _user_errors(spec, ui.resolved_settings(spec, request)):
+        return run_sweep(preset_name, request["prompt"], request["seed"], thresholds, device=_device(spec),
+                         pipe=PIPELINE_OVERRIDES.get(preset_name), progress=_progress(progress), cancel=cancel,
+                         **settings)
+
+
+_sweep_on_gpu = gpu(duration=_sweep_seconds)(_sweep_work)
+
+
+def _run_sweep(preset_name, request, thresholds, progress=None):
+    work, cancel = _placed(PRESETS[preset_name], _sweep_on_gpu, _sweep_work)
+    with PIPELINE_LOCK:
+        return work(preset_name, request, thresholds, progress=progress, cancel=cancel)
+
+
+def _save(kind, write) -> dict:
+    """A finished run's files in a new folder (which appears only once complete), unless the event was cancelled
+    meanwhile; then the oldest folders beyond MAX_RUNS go, never the new one."""
+    cancel = _CANCEL.get()
+    if cancel is not None and cancel.is_set():
+        raise RunCancelled("cancelled before its files were written")
+    paths = ui.save_run_folder(OUTPUT_ROOT, kind, write)
+    ui.prune_runs(OUTPUT_ROOT, MAX_RUNS, in_use={Path(next(iter(paths.values()))).parent.name})
+    return paths
+
+
+def cancellable(function):
+    """The event handler Gradio runs for `function`: the work goes to a thread, and a cancelled event (which Gradio
+    answers by cancelling this coroutine) sets the run's cancel event, so the run stops at its next step, writes
+    nothing, and lets go of the pipeline."""
+
+    @functools.wraps(function)
+    async def handler(*args, **kwargs):
+        cancel = threading.Event()
+        token = _CANCEL.set(cancel)
+        _RUNNING.add(cancel)
+        try:
+            # `to_thread` runs in a copy of this context: the thread sees the cancel event.
+            return await asyncio.to_thread(function, *args, **kwargs)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        finally:
+            _RUNNING.discard(cancel)
+            _CANCEL.reset(token)
+
+    return handler
+
+
+# ----------------------------------------------------------------------------- event functions
+
+
+def compare(
+    prompt=None,
+    preset=DEFAULT_PRESET,
+    threshold=None,
+    seed=None,
+    negative_prompt=None,
+    reuse_interval=None,
+    tail_fraction=None,
+    mode=None,
+    num_inference_steps=None,
+    num_frames=None,
+    height=None,
+    width=None,
+    guidance_scale=None,
+    randomize_seed=False,
+    compare_with=ui.NO_PEER,
+    indicator_feature=None,
+    progress=gr.Progress(),
+):
+    """Run the prompt without and with BWCache on the preset's model (same seed and settings).
+
+    Settings left empty take the preset's defaults. Returns the uncached video, the BWCache video, the block × step
+    heatmap, a Markdown summary, the run record (speedup, baseline_seconds, bwcache_seconds, psnr, ssim,
+    reuse_fraction, trace, ...), the seed used, the peer cache's video (when `compare_with` names one) and the
+    run's files.
+    """
+    spec = _preset(preset)
+    with _user_errors():
+        request = ui.check_request(
+            spec, prompt=prompt, negative_prompt=negative_prompt, threshold=threshold, reuse_interval=reuse_interval,
+            tail_fraction=tail_fraction, mode=mode, num_inference_steps=num_inference_steps, num_frames=num_frames,
+            height=height, width=width, guidance_scale=guidance_scale, seed=ui.check_seed(seed, randomize_seed),
+            indicator_feature=indicator_feature,
+        )
+        peer = ui.parse_peer(compare_with)
+        if peer is not None and not PEERS_SUPPORTED:
+            raise gr.Error("Comparing against other caches is not available in this version of bwcache.",
+                           title="Invalid settings", print_exception=False)
+        settings = ui.resolved_settings(spec, request)
+    with _user_errors(spec, settings):
+        comparison = _run_comparison(spec.name, request, peer, progress=progress)
+    paths = _save("run", lambda folder: ui.save_run(comparison, folder))
+    record = comparison.record
+    return (
+        paths["baseline"],
+        paths["bwcache"],
+        ui.heatmap(record),
+        summary_markdown(record),
+        record,
+        record["seed"],
+        paths.get("peer"),
+        ui.download_list(paths),
+        record,
+    )
+
+
+def sweep(
+    prompt=None,
+    preset=DEFAULT_PRESET,
+    thresholds=DEFAULT_SWEEP,
+    seed=None,
+    negative_prompt=None,
+    reuse_interval=None,
+    tail_fraction=None,
+    mode=None,
+    num_inference_steps=None,
+    num_frames=None,
+    height=None,
+    width=None,
+    guidance_scale=None,
+    indicator_feature=None,
+    progress=gr.Progress(),
+):
+    """Run the cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ.
+
+    `thresholds` is text such as "0.05, 0.1, 0.2" (at most 8 values from 0 to 1). Returns the speed-vs-fidelity
+    figure, the table and a CSV file.
+    """
+    spec = _preset(preset)
+    with _user_errors():
+        values = ui.parse_thresholds(thresholds)
+        request = ui.check_request(
+            spec, prompt=prompt, negative_prompt=negative_prompt, reuse_interval=reuse_interval,
+            tail_fraction=tail_fraction, mode=mode, num_inference_steps=num_inference_steps, num_frames=num_frames,
+            height=height, width=width, guidance_scale=guidance_scale, seed=ui.check_seed(seed),
+            indicator_feature=indicator_feature,
+        )
+        settings = ui.resolved_settings(spec, request)
+    with _user_errors(spec, settings):
+        result = _run_sweep(spec.name, request, values, progress=progress)
+    paths = _save("sweep", lambda folder: ui.save_sweep(result, folder))
+    tuning = ui.tuning_source(baseline_trace=result["baseline_trace"], config=ui.request_config(spec, request),
+                              block_share=result.get("block_share"))
+    return ui.sweep_plot(result), pd.DataFrame(ui.sweep_table(result), columns=ui.SWEEP_HEADERS), paths["csv"], tuning
+
+
+def _form_updates(preset, values=None):
+    form = ui.preset_form(preset, values)
+    updates = [gr.update(**form[key]) for key in FORM_KEYS]
+    return updates + [ui.preset_notes(preset)]
+
+
+def fill_preset(preset):
+    """The controls for a preset: its defaults, steps and allowed ranges."""
+    return _form_updates(_preset(preset))
+
+
+def show_run(record, view, branch, log_color, threshold):
+    """Everything drawn from the last run record: heatmap, branch choices, peer video, threshold tuning."""
+    choices = ui.branch_choices(record)
+    branch = branch if branch in choices else (choices[0] if choices else None)
+    tuning = ui.tuning_source(record) if record else None
+    figure, text = ui.tuning_view(tuning, threshold)
+    return (
+        ui.heatmap(record, view, branch, log_color),
+        gr.update(choices=choices, value=branch),
+        gr.update(visible=True, label=record["peer"]["label"]) if record and record.get("peer")
+        else gr.update(visible=False),
+        tuning,
+        figure,
+        text,
+    )
+
+
+def redraw(record, view, branch, log_color):
+    return ui.heatmap(record, view, branch, log_color)
+
+
+def retune(tuning, threshold):
+    return ui.tuning_view(tuning, threshold)
+
+
+def load_example(prompt, preset, threshold, seed):
+    """A precomputed run from assets/examples: instant, no model needed."""
+    example = ui.find_example(EXAMPLES, preset, prompt, threshold, seed)
+    if example is None:
+        raise gr.Error("This example's files are missing; press Run to compute it.", print_exception=False)
+    record, paths = example["record"], ui.example_paths(example["dir"])
+    values = {**record["settings"], **record["config"], "prompt": record["prompt"],
+              "negative_prompt": record["negative_prompt"], "seed": record["seed"]}
+    run = [
+        paths["baseline"], paths["bwcache"], ui.heatmap(record),
+        ui.example_summary(record, summary_markdown(record)), record, record["seed"], paths.get("peer"),
+        ui.download_list(paths), record,
+    ]
+    form = _form_updates(PRESETS[record["preset"]], values)
+    return run + [update for key, update in zip(FORM_KEYS + ["notes"], form) if key not in ("seed",)]
+
+
+# ----------------------------------------------------------------------------- layout
+
+FORM_KEYS = ["prompt", "negative_prompt", "threshold", "reuse_interval", "tail_fraction", "mode",
+             "indicator_feature", "num_inference_steps", "num_frames", "height", "width", "guidance_scale", "seed"]
+
+with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 7200)) as demo:
+    gr.Markdown(
+        "# BWCache Explorer\n"
+        "Block-wise caching for video diffusion transformers ([paper](https://arxiv.org/abs/2509.13789)): the same "
+        "prompt, seed and settings run without and with BWCache, timed one after the other on the same device. "
+        "The heatmap shows how much each DiT block's output changed at each step, and which blocks the cache reused."
+    )
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=320):
+            preset = gr.Dropdown([(p.label, name) for name, p in PRESETS.items()], value=DEFAULT_PRESET,
+                                 label="Model preset", elem_id="preset")
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+            threshold = gr.Slider(0.0, 1.0, value=PRESETS[DEFAULT_PRESET].bwcache["threshold"], step=0.005,
+                                  label="δ (threshold)", info="higher = more reuse, faster, lower fidelity",
+                                  elem_id="threshold")
+            # What Run sends: the slider's value, copied here as it moves. The API sees this field, empty by
+            # default, so a call that leaves δ out (or sends null) gets the preset's own default.
+            threshold_value = FieldNumber(None, label="δ (threshold)", visible=False)
+            compare_with = gr.Dropdown(PEER_CHOICES, value=ui.NO_PEER, label="Compare against",
+                                       info="also run another cache on the same prompt", visible=PEERS_SUPPORTED,
+                                       elem_id="compare-with")
+            run = gr.Button("Run", variant="primary", elem_id="run-button")
+            notes = gr.Markdown(elem_classes=["preset-notes"])
+            with gr.Accordion("Advanced settings", open=False, elem_id="advanced-settings"):
+                negative_prompt = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative-prompt")
+                with gr.Row():
+                    reuse_interval = gr.Textbox(label="R (reuse interval)", info='"auto" (10% of steps) or a number',
+                                                elem_id="reuse-interval")
+                    tail_fraction = FieldNumber(label="Tail fraction", step=0.05,
+                                              info="share of the trigger step always computed at the end")
+                mode = gr.Radio(["paper", "blockwise"], label="Mode",
+                                info="paper: one indicator per step; blockwise: each block decides")
+                indicator_feature = gr.Radio(
+                    [("hidden-states input (paper Eq. 5)", "hidden_states"),
+                     ("modulated attention input, as the official code measures it (paper mode)", "modulated")],
+                    label="Indicator feature", info="what each block's distance is measured on",
+                    elem_id="indicator-feature",
+                )
+                with gr.Row():
+                    num_inference_steps = FieldNumber(label="Steps", precision=None, elem_id="steps")
+                    num_frames = FieldNumber(label="Frames", precision=None, elem_id="frames")
+                with gr.Row():
+                    height = FieldNumber(label="Height", precision=None, elem_id="height")
+                    width = FieldNumber(label="Width", precision=None, elem_id="width")
+                guidance_scale = FieldNumber(label="Guidance scale", elem_id="guidance")
+                with gr.Row():
+                    seed = FieldNumber(label="Seed", precision=None, info="the seed used is shown here after a run",
+                                     elem_id="seed")
+                    randomize_seed = gr.Checkbox(False, label="Randomize seed")
+            examples_slot = gr.Column()  # filled below, once the outputs the examples fill exist
+
+        with gr.Column(scale=2):
+            with gr.Tabs():
+                with gr.Tab("Comparison"):
+                    with gr.Row(equal_height=True, elem_classes=["video-pair"]):
+                        baseline_video = gr.Video(label="Uncached", autoplay=True, loop=True, buttons=["download"],
+                                                  interactive=False, elem_id="baseline-video")
+                        bwcache_video = gr.Video(label="BWCache", autoplay=True, loop=True, buttons=["download"],
+                                                 interactive=False, elem_id="bwcache-video")
+                        peer_video = gr.Video(label="Peer cache", autoplay=True, loop=True, buttons=["download"],
+                                              interactive=False, visible=False, elem_id="peer-video")
+                    summary = gr.Markdown("Press **Run** or pick an example below.", label="Summary", elem_id="summary")
+                    with gr.Row():
+                        view = gr.Radio([(label, key) for key, label in ui.HEATMAP_VIEWS.items()], value="uncached",
+                                        label="Heatmap", scale=3, elem_id="heatmap-view")
+                        branch = gr.Dropdown([], label="CFG branch", scale=1, elem_id="branch")
+                        log_color = gr.Checkbox(False, label="Log colour", scale=1, elem_id="log-colour")
+                    heatmap = gr.Plot(label="Block × step distances and reuse", elem_id="heatmap")
+                    with gr.Accordion("Downloads and run record", open=False):
+                        downloads = gr.File(label="Files of this run", file_count="multiple", interactive=False)
+                        record_json = gr.JSON(label="Run record")
+                with gr.Tab("Threshold tuning"):
+                    gr.Markdown(
+                        "What each δ would do, predicted exactly (paper mode) from the last uncached run's distance "
+                        "map: the trigger step, the share of block evaluations reused and the speedup if skipped "
+                        "blocks saved their share of the time. Move δ and release to update."
+                    )
+                    tuning_text = gr.Markdown()
+                    tuning_plot = gr.Plot(label="δ → reuse and predicted speedup", elem_id="tuning-plot")
+                with gr.Tab("Sweep"):
+                    gr.Markdown("Measured, not predicted: one uncached run, then the cached pipeline at each δ.")
+                    with gr.Row():
+                        thresholds = gr.Textbox(DEFAULT_SWEEP, label="δ values", info="comma-separated, 0 to 1",
+                                                scale=3)
+                        sweep_button = gr.Button("Sweep", scale=1, elem_id="sweep-button")
+                    sweep_plot = gr.Plot(label="Speed vs fidelity")
+                    sweep_table = gr.Dataframe(headers=ui.SWEEP_HEADERS, interactive=False, label="Per δ")
+                    sweep_file = gr.File(label="Sweep CSV", interactive=False)
+
+    run_state = gr.State()
+    tuning_state = gr.State()
+
+    form = [prompt, negative_prompt, threshold, reuse_interval, tail_fraction, mode, indicator_feature,
+            num_inference_steps, num_frames, height, width, guidance_scale, seed, notes]
+    settings_inputs = [negative_prompt, reuse_interval, tail_fraction, mode, num_inference_steps, num_frames, height,
+                       width, guidance_scale]
+    run_outputs = [baseline_video, bwcache_video, heatmap, summary, record_json, seed, peer_video, downloads,
+                   run_state]
+    example_outputs = run_outputs + [c for c in form if c not in run_outputs]
+
+    threshold.change(lambda value: value, threshold, threshold_value, queue=False, api_visibility="private")
+    # Controls start empty so that API calls which leave them out get the preset's defaults; the page fills them.
+    demo.load(fill_preset, preset, form, queue=False, api_visibility="private")
+    # `input`, not `change`: examples set the preset themselves, together with their own settings.
+    preset.input(fill_preset, preset, form, queue=False, api_visibility="private")
+
+    run.click(
+        cancellable(compare),
+        [prompt, preset, threshold_value, seed, *settings_inputs, randomize_seed, compare_with, indicator_feature],
+        run_outputs,
+        api_name="compare",
+        concurrency_limit=1,
+        concurrency_id="gpu",
+    )
+    run_state.change(
+        show_run,
+        [run_state, view, branch, log_color, threshold],
+        [heatmap, branch, peer_video, tuning_state, tuning_plot, tuning_text],
+        queue=False,
+        api_visibility="private",
+    )
+    for control in (view, branch, log_color):
+        control.input(redraw, [run_state, view, branch, log_color], heatmap, queue=False, api_visibility="private")
+    threshold.release(retune, [tuning_state, threshold], [tuning_plot, tuning_text], queue=False,
+                      api_visibility="private")
+    sweep_button.click(
+        cancellable(sweep),
+        [prompt, preset, thresholds, seed, *settings_inputs, indicator_feature],
+        [sweep_plot, sweep_table, sweep_file, tuning_state],
+        api_name="sweep",
+        concurrency_limit=1,
+        concurrency_id="gpu",
+    ).success(retune, [tuning_state, threshold], [tuning_plot, tuning_text], queue=False, api_visibility="private")
+
+    if EXAMPLES:
+        records = [example["record"] for example in EXAMPLES]
+        with examples_slot:
+            gr.Examples(
+                [[r["prompt"], r["preset"], r["config"]["threshold"], r["seed"]] for r in records],
+                inputs=[prompt, preset, threshold, seed],
+                outputs=example_outputs,
+                fn=load_example,
+                cache_examples=False,
+                run_on_click=True,
+                example_labels=[ui.example_label(r) for r in records],
+                label="Examples (precomputed, load instantly)",
+                elem_id="examples",
+                api_visibility="private",
+            )
+
+demo.queue(max_size=int(os.environ.get("BWCACHE_MAX_QUEUE", "16")))
+
+
+def launch(**overrides):
+    """Start the server: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT as Gradio reads them, and PORT (set by hosting
+    runtimes) taking precedence over GRADIO_SERVER_PORT."""
+    port = os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT")
+    name = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("PORT") else None)
+    options = {
+        "server_name": name,
+        "server_port": int(port) if port else None,
+        "theme": gr.themes.Soft(),
+        "css": CSS,
+        "allowed_paths": [str(EXAMPLES_DIR), str(OUTPUT_ROOT)],
+        "max_file_size": MAX_FILE_SIZE,
+    }
+    options.update(overrides)
+    ui.remove_partial_runs(OUTPUT_ROOT)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
+    return demo.launch(**options)
+
+
+def _stop(signum, frame):
+    """SIGTERM: runs under way stop at their next step and write nothing, no half-written run folder stays behind;
+    then the server stops as on Ctrl-C."""
+    for cancel in list(_RUNNING):
+        cancel.set()
+    ui.remove_partial_runs(OUTPUT_ROOT)
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    launch()
