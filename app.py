@@ -371,6 +371,9 @@ def load_example(prompt, preset, threshold, seed):
     record, paths = example["record"], ui.example_paths(example["dir"])
     values = {**record["settings"], **record["config"], "prompt": record["prompt"],
               "negative_prompt": record["negative_prompt"], "seed": record["seed"]}
+    if values.get("reuse_interval") is None:
+        values["reuse_interval"] = ui.AUTO  # the example's R was "auto", not the preset's default
+    values.setdefault("indicator_feature", "hidden_states")
     run = [
         paths["baseline"], paths["bwcache"], ui.heatmap(record),
         ui.example_summary(record, summary_markdown(record)), record, record["seed"], paths.get("peer"),
@@ -491,6 +494,9 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
     # `input`, not `change`: examples set the preset themselves, together with their own settings.
     preset.input(fill_preset, preset, form, queue=False, api_visibility="private")
 
+    # A new run clears the last one's results, so that an error does not leave them on screen as if current.
+    run.click(lambda: (None, None, "", None), None, [baseline_video, bwcache_video, summary, heatmap], queue=False,
+              api_visibility="private")
     run.click(
         cancellable(compare),
         [prompt, preset, threshold_value, seed, *settings_inputs, randomize_seed, compare_with, indicator_feature],

@@ -115,6 +115,7 @@ def _indicator_traces(
     col: int | None,
     *,
     steps: int,
+    name: str = "indicator",
 ) -> None:
     """Indicator line, dashed δ line and trigger marker, added to one subplot (or the whole figure)."""
     where = {} if row is None else dict(row=row, col=col)
@@ -126,7 +127,7 @@ def _indicator_traces(
             x=x,
             y=[np.nan if v is None else v for v in indicator],
             mode="lines+markers",
-            name="indicator",
+            name=name,
             line=dict(color="#1f77b4", width=2),
             marker=dict(size=5),
             connectgaps=False,
@@ -281,7 +282,20 @@ def heatmap_figure(
         col=1,
     )
 
-    _indicator_traces(fig, dec_branch, _threshold(decision_trace, distance_trace), 2, 1, steps=steps)
+    separate = decision_trace is not distance_trace
+    if separate:
+        # The map's own run: its indicator at every step (the cached run's stops where it stopped measuring).
+        uncached = _optional_floats(dist_branch.get("indicator"), steps)
+        fig.add_trace(
+            go.Scatter(
+                x=list(range(steps)), y=[np.nan if v is None else v for v in uncached], mode="lines",
+                name="indicator (uncached run)", line=dict(color="#9aa0a6", width=2),
+                hovertemplate="step %{x}<br>uncached indicator %{y:.4g}<extra></extra>",
+            ),
+            row=2, col=1,
+        )
+    _indicator_traces(fig, dec_branch, _threshold(decision_trace, distance_trace), 2, 1, steps=steps,
+                      name="indicator (BWCache run)" if separate else "indicator")
     if dec_branch.get("trigger_step") is not None:
         fig.add_vline(
             x=int(dec_branch["trigger_step"]), line=dict(dash="dot", color=_TRIGGER_COLOR, width=1.5), row=1, col=1

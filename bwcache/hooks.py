@@ -426,7 +426,8 @@ class BWCacheHook(ModelHook):
             branch = self.trace.branch(branch_name)
             step = self._step_offset() + state.step
             branch.indicator[step] = outcome.indicator
-            for i, value in distances.items():
+            # The distances a block-wise reuse was decided on belong to the map too.
+            for i, value in {**distances, **measured}.items():
                 branch.distance[step][i] = value
             for i in outcome.reused_blocks:
                 branch.reused[step][i] = True

@@ -192,41 +192,43 @@ class Preset:
             if value is None:
                 continue
             lo, hi, mult = lim[fname]
-            value = _need_int(fname, value)
+            value = _need_int(_LABELS[fname], value)
             if not lo <= value <= hi or value % mult:
                 raise ValueError(
-                    f"{fname} = {value} is not allowed for {self.label}: use a multiple of {mult} from {lo} to {hi}"
+                    f"{_LABELS[fname]} = {value} is not allowed for {self.label}: use a multiple of {mult} from {lo} to {hi}"
                 )
             checked[fname] = value
         if num_frames is not None:
             lo, hi, rule = lim["num_frames"]
-            num_frames = _need_int("num_frames", num_frames)
+            num_frames = _need_int("Frames", num_frames)
             if not lo <= num_frames <= hi or not frames_rule_ok(num_frames, rule):
                 allowed = f"exactly {lo}" if lo == hi else f"{_rule_text(rule)} from {lo} to {hi}"
-                raise ValueError(f"num_frames = {num_frames} is not allowed for {self.label}: use {allowed}")
+                raise ValueError(f"Frames = {num_frames} is not allowed for {self.label}: use {allowed}")
             checked["num_frames"] = num_frames
         if num_inference_steps is not None:
             lo, hi = lim["num_inference_steps"][:2]
-            num_inference_steps = _need_int("num_inference_steps", num_inference_steps)
+            num_inference_steps = _need_int("Steps", num_inference_steps)
             if not lo <= num_inference_steps <= hi:
                 raise ValueError(
-                    f"num_inference_steps = {num_inference_steps} is outside the allowed range {lo} to {hi} "
+                    f"Steps = {num_inference_steps} is outside the allowed range {lo} to {hi} "
                     f"for {self.label}"
                 )
             checked["num_inference_steps"] = num_inference_steps
         if guidance_scale is not None:
             lo, hi = lim["guidance_scale"][:2]
             if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool) or not math.isfinite(guidance_scale):
-                raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+                raise ValueError(f"Guidance scale must be a finite number, got {guidance_scale!r}")
             if not lo <= guidance_scale <= hi:
                 raise ValueError(
-                    f"guidance_scale = {guidance_scale} is outside the allowed range {lo} to {hi} for {self.label}"
+                    f"Guidance scale = {guidance_scale} is outside the allowed range {lo} to {hi} for {self.label}"
                 )
             checked["guidance_scale"] = float(guidance_scale)
         return checked
 
 
 _REQUEST_FIELDS = ("prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale")
+# The fields as the app labels them, for messages.
+_LABELS = {"height": "Height", "width": "Width"}
 
 
 def _need_int(fname: str, value: Any) -> int:

@@ -42,6 +42,9 @@ def summary_markdown(record: dict) -> str:
             f"- Ideal speedup for this reuse (DiT blocks took {record['block_share']:.0%} of the time): "
             f"{record['ideal_speedup']:.2f}×"
         )
+    for hint in (no_reuse_hint(record), timing_note(record)):
+        if hint:
+            lines.append(f"- {hint}")
     held = held_memory_text(record["trace"])
     if held:
         lines.append(f"- Cache memory: {held}")
@@ -105,3 +108,31 @@ OUTPUT_FILES = {
 def upscale_pair(*videos, min_side: int = 256):
     """Tiny clips enlarged crisply for display, all by the same factor."""
     return tuple(upscale(to_uint8(v), min_side=min_side) for v in videos)
+
+
+def no_reuse_hint(record: dict) -> str | None:
+    """Why a cached run reused nothing, when it did not (None when it reused something, or δ was 0)."""
+    config, steps = record["config"], record["settings"]["num_inference_steps"]
+    if record["reuse_fraction"] > 0 or config["threshold"] == 0:
+        return None
+    if config["mode"] == "blockwise":
+        warmup, tail = config.get("warmup_steps", 0), config.get("tail_steps", 0)
+        if steps <= warmup + tail + 1:
+            return (f"Nothing was reused: with {steps} steps, the {warmup} warm-up and {tail} tail steps leave no step "
+                    "where a block may reuse. Use more steps or fewer warm-up and tail steps.")
+        return f"Nothing was reused: no block's distance fell below δ={config['threshold']:g}. Try a higher δ."
+    triggers = [t for t in record.get("trigger_steps", {}).values() if t is not None]
+    if not triggers:
+        return f"Nothing was reused: the indicator never fell below δ={config['threshold']:g}. Try a higher δ."
+    return (f"Nothing was reused: reuse triggered at step {min(triggers)}, and with {steps} steps the computed tail "
+            "covers the rest. Use more steps.")
+
+
+def timing_note(record: dict) -> str | None:
+    """A caveat when the measured speedup falls well short of what the skipped work should give: the two runs were
+    timed one after the other, and a busy or shared machine slows either (None when they agree)."""
+    ideal, speedup = record.get("ideal_speedup"), record["speedup"]
+    if not ideal or record["reuse_fraction"] == 0 or speedup >= 0.8 * ideal:
+        return None
+    return (f"Timing note: {speedup:.2f}× measured where the skipped work should give about {ideal:.2f}×. The runs are "
+            "timed one after the other, and other work on the machine slows either; run again to compare.")

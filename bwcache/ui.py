@@ -131,6 +131,8 @@ def preset_form(preset: Preset, values: Mapping[str, Any] | None = None) -> dict
 def preset_notes(preset: Preset) -> str:
     gpu = preset.recommended_gpu_memory_gb
     needs = "runs on a CPU" if not gpu else f"needs a GPU with about {gpu:g} GB"
+    if not gpu and "CPU" in preset.label:
+        return f"**{preset.label}**. {preset.notes}"  # the label already says where it runs
     return f"**{preset.label}** ({needs}). {preset.notes}"
 
 
@@ -212,9 +214,9 @@ def check_seed(seed: Any, randomize: bool = False) -> int | None:
     """The seed to use: a fresh one when `randomize`, None (the preset's) when left empty."""
     if randomize:
         return secrets.randbelow(SEED_MAX + 1)
-    seed = _whole("seed", seed)
+    seed = _whole("Seed", seed)
     if seed is not None and not 0 <= seed <= SEED_MAX:
-        raise ValueError(f"seed = {seed} is outside the allowed range 0 to {SEED_MAX}.")
+        raise ValueError(f"Seed = {seed} is outside the allowed range 0 to {SEED_MAX}.")
     return seed
 
 
@@ -256,14 +258,14 @@ def check_request(
         "seed": seed,
         "threshold": _number("δ (threshold)", threshold, *THRESHOLD_RANGE),
         "reuse_interval": parse_reuse_interval(reuse_interval),
-        "tail_fraction": _number("tail fraction", tail_fraction, 0.0, 1.0),
+        "tail_fraction": _number("Tail fraction", tail_fraction, 0.0, 1.0),
         "mode": mode,
         "indicator_feature": indicator_feature,
-        "num_inference_steps": _whole("num_inference_steps (steps)", num_inference_steps),
-        "num_frames": _whole("num_frames (frames)", num_frames),
-        "height": _whole("height", height),
-        "width": _whole("width", width),
-        "guidance_scale": _number("guidance_scale", guidance_scale),
+        "num_inference_steps": _whole("Steps", num_inference_steps),
+        "num_frames": _whole("Frames", num_frames),
+        "height": _whole("Height", height),
+        "width": _whole("Width", width),
+        "guidance_scale": _number("Guidance scale", guidance_scale),
     }
     # The preset's limits, the prompt and the cache settings, with the runner's own checks.
     settings = resolve_settings(

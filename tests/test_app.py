@@ -106,18 +106,18 @@ def test_wan_frames_step_follows_its_rule():
     [
         ({"prompt": "   "}, ["prompt is empty", "1 to 1000 characters"]),
         ({"prompt": "x" * 1001}, ["prompt is 1001 characters", "at most 1000"]),
-        ({"height": 250}, ["height = 250", "multiple of 16 from 256 to 832"]),
-        ({"width": 900}, ["width = 900", "from 256 to 832"]),
-        ({"num_frames": 6}, ["num_frames = 6", "4k+1 from 5 to 81"]),
-        ({"num_inference_steps": 200}, ["num_inference_steps = 200", "4 to 100"]),
-        ({"guidance_scale": 20.0}, ["guidance_scale = 20", "1.0 to 10.0"]),
+        ({"height": 250}, ["Height = 250", "multiple of 16 from 256 to 832"]),
+        ({"width": 900}, ["Width = 900", "from 256 to 832"]),
+        ({"num_frames": 6}, ["Frames = 6", "4k+1 from 5 to 81"]),
+        ({"num_inference_steps": 200}, ["Steps = 200", "4 to 100"]),
+        ({"guidance_scale": 20.0}, ["Guidance scale = 20", "1.0 to 10.0"]),
         ({"threshold": 1.5}, ["δ (threshold) = 1.5", "0 to 1"]),
         ({"threshold": -0.1}, ["δ (threshold) = -0.1", "0 to 1"]),
         ({"reuse_interval": "often"}, ["R (reuse interval)", '"auto"']),
         ({"reuse_interval": "9"}, ["R (reuse interval) = 9", "1 to 4"]),
-        ({"tail_fraction": 2}, ["tail fraction = 2", "0 to 1"]),
-        ({"seed": -1}, ["seed = -1", f"0 to {2**32 - 1}"]),
-        ({"seed": 1.5}, ["seed must be a whole number"]),
+        ({"tail_fraction": 2}, ["Tail fraction = 2", "0 to 1"]),
+        ({"seed": -1}, ["Seed = -1", f"0 to {2**32 - 1}"]),
+        ({"seed": 1.5}, ["Seed must be a whole number"]),
         ({"compare_with": "teacache"}, ["Compare against", "teacache", "fbc"]),
     ],
 )
@@ -388,3 +388,29 @@ def test_a_broken_preset_file_is_left_out(tmp_path, caplog):
     presets = ui.available_presets(tmp_path)
     assert list(presets) == [WAN]
     assert "broken.json" in caplog.text
+
+
+@needs_tiny
+def test_an_example_with_r_auto_reproduces_its_recorded_result(tmp_path, monkeypatch):
+    example = next((e for e in app.EXAMPLES if e["record"]["config"]["reuse_interval"] is None), None)
+    if example is None:
+        pytest.skip("no precomputed example with R auto")
+    record = example["record"]
+    out = app.load_example(record["prompt"], record["preset"], record["config"]["threshold"], record["seed"])
+    form = dict(zip([key for key in app.FORM_KEYS if key != "seed"] + ["notes"], out[9:]))
+    assert form["reuse_interval"]["value"] == "auto"
+    monkeypatch.setattr(app, "OUTPUT_ROOT", tmp_path)
+    settings = {key: form[key]["value"] for key in ("negative_prompt", "reuse_interval", "tail_fraction", "mode",
+                                                   "num_inference_steps", "num_frames", "height", "width",
+                                                   "guidance_scale", "indicator_feature")}
+    rerun = app.compare(form["prompt"]["value"], record["preset"], form["threshold"]["value"], record["seed"],
+                        **settings)[4]
+    assert rerun["config"]["reuse_interval"] is None
+    for branch, trace in record["trace"]["branches"].items():
+        assert rerun["trace"]["branches"][branch]["reused"] == trace["reused"], branch
+    assert rerun["psnr"] == pytest.approx(record["psnr"], abs=1e-6)
+
+
+def test_the_tiny_presets_note_says_where_it_runs_once():
+    note = ui.preset_notes(app.PRESETS["tiny-shapes"])
+    assert note.count("CPU") == 1

@@ -24,7 +24,7 @@ def reference_blockwise(values, steps, blocks, delta, reuse, warmup, tail, indic
                     acc[i], prev[i] = d, v
                 v = v + res[i]
                 row.append(True)
-                seen.append(False)  # a reused block's distance feeds the indicator, not the distance map
+                seen.append(True)  # the distance a reuse was decided on is in the distance map too
                 continue
             seen.append(ok)
             if i in indicator and warmup <= s + 1 < steps - tail:

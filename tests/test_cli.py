@@ -43,7 +43,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
     done = cli("compare", "--threshold", "-1", cwd=tmp_path)
     assert done.returncode == 2 and "δ (threshold) = -1 is outside the allowed range 0 to 1" in done.stderr
     done = cli("compare", "--frames", "99", cwd=tmp_path)
-    assert done.returncode == 2 and "num_frames = 99 is not allowed" in done.stderr
+    assert done.returncode == 2 and "Frames = 99 is not allowed" in done.stderr
 
 
 def test_bad_outputs_devices_and_ranges_are_refused_before_any_model_work(tmp_path):

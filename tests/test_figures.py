@@ -99,8 +99,10 @@ def test_decision_trace_overrides_decisions_and_indicator():
     (sc,) = by_name(fig, "reused")
     expected = {(t, f"blocks.{i}") for t in range(T) for i in range(N) if dec_tr["branches"]["cond"]["reused"][t][i]}
     assert set(zip(sc.x, sc.y)) == expected
-    (ind,) = by_name(fig, "indicator")
+    (ind,) = by_name(fig, "indicator (BWCache run)")
     assert ind.y[1] == pytest.approx(dec_tr["branches"]["cond"]["indicator"][1])
+    (own,) = by_name(fig, "indicator (uncached run)")
+    assert list(own.y[1:]) == pytest.approx(dist_tr["branches"]["cond"]["indicator"][1:])
     assert any(s.y0 == 0.2 and s.y1 == 0.2 for s in fig.layout.shapes)  # δ from the decision trace
     # colour still comes from the distance trace, including cells the decision trace reused
     z = np.asarray(fig.data[0].z, dtype=float)

@@ -48,3 +48,39 @@ def test_a_negative_prompt_has_a_length_limit():
     ui.check_request(preset, negative_prompt="a " * (limit // 2))
     with pytest.raises(ValueError, match=f"negative prompt is {limit + 1} characters long; at most {limit}"):
         ui.check_request(preset, negative_prompt="a" * (limit + 1))
+
+
+def test_a_run_that_reuses_nothing_says_why():
+    from bwcache.report import no_reuse_hint, summary_markdown
+    from bwcache.runner import run_comparison
+
+    # The preset's 6 warm-up and 2 tail steps leave no step to reuse in 8.
+    record = run_comparison("tiny-shapes", num_inference_steps=8, num_frames=8).record
+    assert record["reuse_fraction"] == 0
+    assert "with 8 steps, the 6 warm-up and 2 tail steps leave no step" in summary_markdown(record)
+    never = {**record, "config": {**record["config"], "mode": "paper"}, "trigger_steps": {"cond": None}}
+    assert "the indicator never fell below δ=0.3" in no_reuse_hint(never)
+    assert no_reuse_hint({**record, "reuse_fraction": 0.2}) is None
+
+
+def test_the_uncached_map_shows_its_own_indicator_labelled():
+    from bwcache.figures import heatmap_figure
+    from bwcache.runner import run_comparison
+
+    record = run_comparison("tiny-shapes", num_inference_steps=12, num_frames=8, mode="paper", threshold=0.1).record
+    figure = heatmap_figure(record["baseline_trace"], record["trace"], branch="cond")
+    lines = {trace.name: trace for trace in figure.data if trace.type == "scatter"}
+    uncached = lines["indicator (uncached run)"]
+    assert all(v == v for v in uncached.y[1:])  # a value at every step after the first
+    assert "indicator (BWCache run)" in lines
+    own = heatmap_figure(record["trace"], branch="cond")
+    assert "indicator" in {trace.name for trace in own.data}
+
+
+def test_a_speedup_far_below_the_ideal_gets_a_timing_note():
+    from bwcache.report import timing_note
+
+    record = {"ideal_speedup": 2.0, "speedup": 0.79, "reuse_fraction": 0.5}
+    assert "0.79× measured where the skipped work should give about 2.00×" in timing_note(record)
+    assert timing_note({**record, "speedup": 1.8}) is None
+    assert timing_note({**record, "reuse_fraction": 0.0}) is None

@@ -122,16 +122,16 @@ def test_unknown_preset_lists_available():
         (dict(prompt=""), r"prompt is empty"),
         (dict(prompt="   "), r"prompt is empty"),
         (dict(prompt="x" * 1001), r"prompt is 1001 characters.*at most 1000"),
-        (dict(height=481), r"height = 481 .*multiple of 16 from 256 to 832"),
-        (dict(height=1024), r"height = 1024 .*from 256 to 832"),
-        (dict(width=128), r"width = 128 .*from 256 to 832"),
-        (dict(width=480.5), r"width must be a whole number"),
-        (dict(num_frames=32), r"num_frames = 32 .*4k\+1 from 5 to 81"),
-        (dict(num_frames=85), r"num_frames = 85 .*from 5 to 81"),
-        (dict(num_inference_steps=0), r"num_inference_steps = 0 .*range 4 to 100"),
-        (dict(num_inference_steps=500), r"num_inference_steps = 500 .*range 4 to 100"),
-        (dict(guidance_scale=20.0), r"guidance_scale = 20.0 .*range 1.0 to 10.0"),
-        (dict(guidance_scale=float("nan")), r"guidance_scale must be a finite number"),
+        (dict(height=481), r"Height = 481 .*multiple of 16 from 256 to 832"),
+        (dict(height=1024), r"Height = 1024 .*from 256 to 832"),
+        (dict(width=128), r"Width = 128 .*from 256 to 832"),
+        (dict(width=480.5), r"Width must be a whole number"),
+        (dict(num_frames=32), r"Frames = 32 .*4k\+1 from 5 to 81"),
+        (dict(num_frames=85), r"Frames = 85 .*from 5 to 81"),
+        (dict(num_inference_steps=0), r"Steps = 0 .*range 4 to 100"),
+        (dict(num_inference_steps=500), r"Steps = 500 .*range 4 to 100"),
+        (dict(guidance_scale=20.0), r"Guidance scale = 20.0 .*range 1.0 to 10.0"),
+        (dict(guidance_scale=float("nan")), r"Guidance scale must be a finite number"),
     ],
 )
 def test_validation_errors_name_field_value_and_range(kwargs, pattern):
@@ -144,7 +144,7 @@ def test_validation_accepts_whole_floats_and_fixed_frame_counts():
     assert load_preset("wan2.1-t2v-1.3b").validate_request(height=480.0) == {"height": 480}
     latte = load_preset("latte-1")
     latte.validate_request(num_frames=16)
-    with pytest.raises(ValueError, match="num_frames = 17 .*exactly 16"):
+    with pytest.raises(ValueError, match="Frames = 17 .*exactly 16"):
         latte.validate_request(num_frames=17)
     ltx = load_preset("ltx-video")
     with pytest.raises(ValueError, match="multiple of 32"):
@@ -197,7 +197,7 @@ def test_loading_rejects_defaults_outside_limits(tmp_path):
     data["defaults"]["num_frames"] = 34
     p = tmp_path / "x.json"
     p.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"x\.json.*num_frames = 34"):
+    with pytest.raises(ValueError, match=r"x\.json.*Frames = 34"):
         load_preset(p)
 
 

@@ -64,7 +64,7 @@ def test_threshold_zero_gives_identical_videos(pipe):
 def test_bad_requests_are_clear_errors(pipe):
     with pytest.raises(ValueError, match="prompt is empty"):
         run_comparison(small_preset(), prompt="   ", pipe=pipe, device="cpu")
-    with pytest.raises(ValueError, match="height = 20 is not allowed"):
+    with pytest.raises(ValueError, match="Height = 20 is not allowed"):
         run_comparison(small_preset(), prompt="a cat", height=20, pipe=pipe, device="cpu")
     with pytest.raises(ValueError, match="threshold must be a finite number ≥ 0"):
         run_comparison(small_preset(), prompt="a cat", threshold=-1.0, pipe=pipe, device="cpu")

@@ -95,8 +95,8 @@ def test_compare_default_preset_over_http(client):
     "kwargs,message",
     [
         ({"prompt": ""}, "prompt is empty"),
-        ({"prompt": "a cat", "height": 100}, "height = 100"),
-        ({"prompt": "a cat", "num_frames": 6}, "num_frames = 6"),
+        ({"prompt": "a cat", "height": 100}, "Height = 100"),
+        ({"prompt": "a cat", "num_frames": 6}, "Frames = 6"),
         ({"prompt": "a cat", "reuse_interval": "often"}, "R (reuse interval)"),
         ({"prompt": "a cat", "threshold": 1.5}, "1.5"),
         # Not rounded on the way in: the app's own check sees the number as sent.

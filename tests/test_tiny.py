@@ -353,3 +353,15 @@ def test_training_script_writes_a_loadable_model(tmp_path, no_network):
     assert frames.shape == (1, 8, 24, 24, 3) and np.isfinite(frames).all()
     shipped = load_pipeline(device="cpu")
     assert dict(pipe.transformer.config) == dict(shipped.transformer.config)
+
+
+def test_training_never_replaces_a_model_unasked(tmp_path, capsys):
+    from bwcache.tiny.train import main as train
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "transformer.safetensors").write_bytes(b"weights")
+    with pytest.raises(SystemExit):
+        train(["--out", str(out), "--steps", "1"])
+    assert "already holds a model; pass --overwrite" in capsys.readouterr().err
+    assert (out / "transformer.safetensors").read_bytes() == b"weights"

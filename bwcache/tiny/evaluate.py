@@ -1,6 +1,7 @@
 """Measure the shipped Tiny Shapes model: prompt adherence judged from pixels, and generation time.
 
-    python -m bwcache.tiny.evaluate            # writes assets/tiny-shapes/eval.json and refreshes the model card
+    python -m bwcache.tiny.evaluate                  # measures the shipped model and prints the results
+    python -m bwcache.tiny.evaluate --write          # also writes eval.json and refreshes the model card in --path
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=56)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--write", action="store_true", help="write eval.json and refresh the model card in --path")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
           f"direction {a['direction_rate']:.1%})", flush=True)
     for f in a["failures"]:
         print("  failed:", f, flush=True)
-    if not args.no_write:
+    if args.write:
         (args.path / "eval.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         from .card import write_card
 

@@ -1,7 +1,8 @@
 """Train the embedded Tiny Shapes model from scratch on procedural clips.
 
-    python -m bwcache.tiny.train                 # reproduces assets/tiny-shapes/ (about 40 minutes on 2 CPU cores)
+    python -m bwcache.tiny.train                 # trains into runs/tiny-shapes/ (about 40 minutes on 2 CPU cores)
     python -m bwcache.tiny.train --steps 50 --out /tmp/tiny-pilot
+    python -m bwcache.tiny.train --out assets/tiny-shapes --overwrite   # replaces the shipped model
 
 Flow matching as in Wan: x_t = (1 - s) x0 + s noise, the model predicts the velocity noise - x0 at timestep
 1000 s, with s drawn from a logit-normal distribution (a mixture, see RECIPE), and the squared error weighs
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=RECIPE["seed"])
     p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
-    p.add_argument("--out", type=Path, default=ASSETS_DIR)
+    p.add_argument("--out", type=Path, default=Path("runs/tiny-shapes"),
+                   help="folder for the weights, config and log (default: runs/tiny-shapes)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--phase", type=int, default=None,
                    help="run only this phase (1-based); phases after the first start from the weights in --init")
     p.add_argument("--init", type=Path, default=None, help="folder with the weights the phase starts from")
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=200)
     args = p.parse_args(argv)
+    if (args.out / TRANSFORMER_WEIGHTS).exists() and not args.overwrite:
+        p.error(f"{args.out} already holds a model; pass --overwrite to replace it, or choose another --out.")
 
     recipe = copy.deepcopy(RECIPE)
     recipe.update(batch_size=args.batch_size, seed=args.seed)
