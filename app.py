@@ -66,12 +66,12 @@ CSS = """
 """
 
 
-class FieldNumber(gr.Number):
+def field_number(*args, **kwargs) -> gr.Number:
     """A number field whose value reaches the app's own checks as sent: not rounded, not bounded by Gradio, and text
     passed on, so the message names the field as users see it and its allowed range."""
-
-    def preprocess(self, payload):
-        return payload
+    field = gr.Number(*args, **kwargs)
+    field.preprocess = lambda payload: payload
+    return field
 
 
 def gpu(duration):
@@ -405,7 +405,7 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
                                   elem_id="threshold")
             # What Run sends: the slider's value, copied here as it moves. The API sees this field, empty by
             # default, so a call that leaves δ out (or sends null) gets the preset's own default.
-            threshold_value = FieldNumber(None, label="δ (threshold)", visible=False)
+            threshold_value = field_number(None, label="δ (threshold)", visible=False)
             compare_with = gr.Dropdown(PEER_CHOICES, value=ui.NO_PEER, label="Compare against",
                                        info="also run another cache on the same prompt", visible=PEERS_SUPPORTED,
                                        elem_id="compare-with")
@@ -416,7 +416,7 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
                 with gr.Row():
                     reuse_interval = gr.Textbox(label="R (reuse interval)", info='"auto" (10% of steps) or a number',
                                                 elem_id="reuse-interval")
-                    tail_fraction = FieldNumber(label="Tail fraction", step=0.05,
+                    tail_fraction = field_number(label="Tail fraction", step=0.05,
                                               info="share of the trigger step always computed at the end")
                 mode = gr.Radio(["paper", "blockwise"], label="Mode",
                                 info="paper: one indicator per step; blockwise: each block decides")
@@ -427,14 +427,14 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
                     elem_id="indicator-feature",
                 )
                 with gr.Row():
-                    num_inference_steps = FieldNumber(label="Steps", precision=None, elem_id="steps")
-                    num_frames = FieldNumber(label="Frames", precision=None, elem_id="frames")
+                    num_inference_steps = field_number(label="Steps", precision=None, elem_id="steps")
+                    num_frames = field_number(label="Frames", precision=None, elem_id="frames")
                 with gr.Row():
-                    height = FieldNumber(label="Height", precision=None, elem_id="height")
-                    width = FieldNumber(label="Width", precision=None, elem_id="width")
-                guidance_scale = FieldNumber(label="Guidance scale", elem_id="guidance")
+                    height = field_number(label="Height", precision=None, elem_id="height")
+                    width = field_number(label="Width", precision=None, elem_id="width")
+                guidance_scale = field_number(label="Guidance scale", elem_id="guidance")
                 with gr.Row():
-                    seed = FieldNumber(label="Seed", precision=None, info="the seed used is shown here after a run",
+                    seed = field_number(label="Seed", precision=None, info="the seed used is shown here after a run",
                                      elem_id="seed")
                     randomize_seed = gr.Checkbox(False, label="Randomize seed")
             examples_slot = gr.Column()  # filled below, once the outputs the examples fill exist

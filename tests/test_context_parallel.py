@@ -187,8 +187,9 @@ def test_blockwise_mode_sums_each_decision_and_the_rest_once_per_step(cases, lau
         if case["config"]["threshold"] == 0:
             expected = sum(any(v is not None for v in row) for b in branches for row in b["distance"])
         else:
+            # Every decision's distance is in the map, the reused blocks' included.
             expected = sum(v is not None for b in branches for row in b["distance"] for v in row)
-            expected += sum(sum(row) for b in branches for row in b["reused"])
+            assert any(any(row) for b in branches for row in b["reused"])
         assert expected > 0
         for result in ranks(launched, case["name"]):
             assert result["all_reduces"] == expected, case["name"]
