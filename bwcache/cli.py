@@ -13,7 +13,6 @@ import torch.distributed as dist
 from .parallel import KINDS, init_distributed, is_main_process
 from .pipelines import PipelineUnavailable
 from .report import OUTPUT_FILES
-from .runner import PEERS_UNDER_CONTEXT_PARALLEL
 
 
 def _reuse_interval(text: str):
@@ -142,8 +141,6 @@ def _compare(args) -> int:
         if args.device:
             raise ValueError("--device cannot be set with --context-parallel: each process runs on its own GPU "
                              "(cuda:LOCAL_RANK), or on the CPU where there is none.")
-        if args.compare_with:
-            raise ValueError(PEERS_UNDER_CONTEXT_PARALLEL)
         args.device = init_distributed()
     try:
         return _run_compare(args)

@@ -89,3 +89,10 @@ def pipeline_experts(pipeline) -> list[tuple[str, torch.nn.Module]]:
         for name in EXPERT_NAMES
         if isinstance(module := getattr(pipeline, name, None), torch.nn.Module)
     ]
+
+
+def denoisers(transformer_or_pipeline) -> list[torch.nn.Module]:
+    """The transformer itself, or every denoiser of a pipeline (both of Wan2.2's experts)."""
+    if isinstance(transformer_or_pipeline, torch.nn.Module):
+        return [transformer_or_pipeline]
+    return [module for _, module in pipeline_experts(transformer_or_pipeline)]

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from diffusers.utils.torch_utils import unwrap_module
 
+from .clock import denoisers
+
 KINDS = ("ulysses", "ring", "ulysses-anything", "ring-anything")
 
 # Attention backends that support context parallelism but cannot return the log-sum-exp ring attention merges on.
@@ -220,7 +222,7 @@ def enable_context_parallel(transformer_or_pipeline, kind: str = "ulysses") -> N
             "Context parallelism needs torch.distributed: launch with torchrun --nproc_per_node=N and call "
             "bwcache.parallel.init_distributed() (or torch.distributed.init_process_group) first."
         )
-    transformers = _denoisers(transformer_or_pipeline)
+    transformers = denoisers(transformer_or_pipeline)
     degree = dist.get_world_size()
     probe = parallel_config_for(kind, degree)
     for transformer in transformers:
@@ -251,17 +253,9 @@ def enable_context_parallel(transformer_or_pipeline, kind: str = "ulysses") -> N
         apply_context_parallel(model, cp_config, model._cp_plan)
 
 
-def _denoisers(transformer_or_pipeline) -> list[torch.nn.Module]:
-    from .clock import pipeline_experts
-
-    if isinstance(transformer_or_pipeline, torch.nn.Module):
-        return [transformer_or_pipeline]
-    return [module for _, module in pipeline_experts(transformer_or_pipeline)]
-
-
 def ensure_context_parallel(pipe, kind: str) -> None:
     """Context parallelism of `kind` over all processes on the pipeline's denoisers, enabled once."""
-    configs = [context_parallel_config(module) for module in _denoisers(pipe)]
+    configs = [context_parallel_config(module) for module in denoisers(pipe)]
     if all(config is None for config in configs):
         enable_context_parallel(pipe, kind)
         return
@@ -276,8 +270,8 @@ def ensure_context_parallel(pipe, kind: str) -> None:
 
 def run_description(pipe) -> dict | None:
     """The pipeline's context parallelism for a run record: kind and number of processes, or None."""
-    denoisers = _denoisers(pipe)
-    config = context_parallel_config(denoisers[0]) if denoisers else None
+    modules = denoisers(pipe)
+    config = context_parallel_config(modules[0]) if modules else None
     if config is None:
         return None
     return {"kind": describe(config), "processes": config.ulysses_degree * config.ring_degree}

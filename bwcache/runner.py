@@ -22,7 +22,7 @@ from . import parallel, peers
 from .blocks import find_blocks
 from .config import BWCacheConfig
 from .apply import cached
-from .clock import pipeline_experts
+from .clock import denoisers
 from .metrics import compare_videos
 from .pipelines import call_kwargs, default_device, device_name, get_pipeline
 from .presets import Preset, load_preset
@@ -239,11 +239,7 @@ class _TimedForward(ModelHook):
 
 def block_timer(transformer_or_pipeline, device: str) -> ForwardTimer:
     """A timer of the DiT blocks' own forward (of every denoiser, given a pipeline: both of Wan2.2's experts)."""
-    if isinstance(transformer_or_pipeline, torch.nn.Module):
-        transformers = [transformer_or_pipeline]
-    else:
-        transformers = [module for _, module in pipeline_experts(transformer_or_pipeline)]
-    return ForwardTimer([spec.module for t in transformers for spec in find_blocks(t)], device)
+    return ForwardTimer([spec.module for t in denoisers(transformer_or_pipeline) for spec in find_blocks(t)], device)
 
 
 def ideal_speedup(reuse_fraction: float, block_share: float | None) -> float | None:

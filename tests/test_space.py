@@ -15,6 +15,7 @@ import torch
 
 import app
 from bwcache import space, ui
+from checkout import checkout_files
 from tiny_wan import build_prompt_wan_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,13 +46,7 @@ def test_the_card_follows_the_hubs_rules():
 
 
 def test_every_tracked_binary_is_stored_through_lfs():
-    try:
-        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                               cwd=ROOT, capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("not a git checkout")
-    paths = [p for p in files.decode().split("\0") if p and (ROOT / p).is_file()]
-    binary = [p for p in paths if b"\0" in (ROOT / p).read_bytes()[:8000]]
+    binary = [p for p in checkout_files() if b"\0" in (ROOT / p).read_bytes()[:8000]]
     assert any(p.endswith(".mp4") for p in binary) and any(p.endswith(".safetensors") for p in binary)
     attributes = subprocess.run(["git", "check-attr", "filter", "--", *binary], cwd=ROOT, capture_output=True,
                                 text=True, check=True).stdout.splitlines()
