@@ -59,6 +59,9 @@ PEER_CHOICES = [("none", ui.NO_PEER)] + [(label, key) for key, label in ui.PEER_
 PEERS_SUPPORTED = "compare_with" in signature(run_comparison).parameters
 DEFAULT_SWEEP = "0.05, 0.1, 0.15, 0.2, 0.3"
 
+# Plotly skips resizing a plot while it is hidden; the tab becomes visible a frame after its select event.
+REFIT_PLOTS = "() => { requestAnimationFrame(() => requestAnimationFrame(() => window.dispatchEvent(new Event('resize')))); }"
+
 CSS = """
 .video-pair video { max-height: 420px; }
 #run-button { min-height: 48px; }
@@ -248,11 +251,14 @@ def compare(
     randomize_seed=False,
     compare_with=ui.NO_PEER,
     indicator_feature=None,
+    profile=None,
+    extrapolation=None,
     progress=gr.Progress(),
 ):
     """Run the prompt without and with BWCache on the preset's model (same seed and settings).
 
-    Settings left empty take the preset's defaults. Returns the uncached video, the BWCache video, the block × step
+    Settings left empty take the preset's defaults; cache settings left empty take those of the preset's `profile`
+    ("default", "fast", …; the default when empty). Returns the uncached video, the BWCache video, the block × step
     heatmap, a Markdown summary, the run record (speedup, baseline_seconds, bwcache_seconds, psnr, ssim,
     reuse_fraction, trace, ...), the seed used, the peer cache's video (when `compare_with` names one) and the
     run's files.
@@ -263,7 +269,7 @@ def compare(
             spec, prompt=prompt, negative_prompt=negative_prompt, threshold=threshold, reuse_interval=reuse_interval,
             tail_fraction=tail_fraction, mode=mode, num_inference_steps=num_inference_steps, num_frames=num_frames,
             height=height, width=width, guidance_scale=guidance_scale, seed=ui.check_seed(seed, randomize_seed),
-            indicator_feature=indicator_feature,
+            indicator_feature=indicator_feature, profile=profile, extrapolation=extrapolation,
         )
         peer = ui.parse_peer(compare_with)
         if peer is not None and not PEERS_SUPPORTED:
@@ -302,6 +308,8 @@ def sweep(
     width=None,
     guidance_scale=None,
     indicator_feature=None,
+    profile=None,
+    extrapolation=None,
     progress=gr.Progress(),
 ):
     """Run the cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ.
@@ -316,14 +324,14 @@ def sweep(
             spec, prompt=prompt, negative_prompt=negative_prompt, reuse_interval=reuse_interval,
             tail_fraction=tail_fraction, mode=mode, num_inference_steps=num_inference_steps, num_frames=num_frames,
             height=height, width=width, guidance_scale=guidance_scale, seed=ui.check_seed(seed),
-            indicator_feature=indicator_feature,
+            indicator_feature=indicator_feature, profile=profile, extrapolation=extrapolation,
         )
         settings = ui.resolved_settings(spec, request)
     with _user_errors(spec, settings):
         result = _run_sweep(spec.name, request, values, progress=progress)
     paths = _save("sweep", lambda folder: ui.save_sweep(result, folder))
     tuning = ui.tuning_source(baseline_trace=result["baseline_trace"], config=ui.request_config(spec, request),
-                              block_share=result.get("block_share"))
+                              block_share=result.get("block_share"), measured=result["rows"])
     return ui.sweep_plot(result), pd.DataFrame(ui.sweep_table(result), columns=ui.SWEEP_HEADERS), paths["csv"], tuning
 
 
@@ -336,6 +344,12 @@ def _form_updates(preset, values=None):
 def fill_preset(preset):
     """The controls for a preset: its defaults, steps and allowed ranges."""
     return _form_updates(_preset(preset))
+
+
+def fill_profile(preset, profile):
+    """The cache controls for one of the preset's profiles (the other controls keep what they hold)."""
+    form = ui.preset_form(_preset(preset), {"profile": profile})
+    return [gr.update(**form[key]) for key in PROFILE_KEYS]
 
 
 def show_run(record, view, branch, log_color, threshold):
@@ -374,6 +388,8 @@ def load_example(prompt, preset, threshold, seed):
     if values.get("reuse_interval") is None:
         values["reuse_interval"] = ui.AUTO  # the example's R was "auto", not the preset's default
     values.setdefault("indicator_feature", "hidden_states")
+    values.setdefault("extrapolation", 0.0)
+    values["profile"] = record.get("profile") or "default"
     run = [
         paths["baseline"], paths["bwcache"], ui.heatmap(record),
         ui.example_summary(record, summary_markdown(record)), record, record["seed"], paths.get("peer"),
@@ -386,7 +402,11 @@ def load_example(prompt, preset, threshold, seed):
 # ----------------------------------------------------------------------------- layout
 
 FORM_KEYS = ["prompt", "negative_prompt", "threshold", "reuse_interval", "tail_fraction", "mode",
-             "indicator_feature", "num_inference_steps", "num_frames", "height", "width", "guidance_scale", "seed"]
+             "indicator_feature", "num_inference_steps", "num_frames", "height", "width", "guidance_scale", "seed",
+             "profile", "extrapolation"]
+# The controls a cache profile sets.
+PROFILE_KEYS = ["threshold", "reuse_interval", "tail_fraction", "mode", "indicator_feature", "extrapolation",
+                "profile"]
 
 with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 7200)) as demo:
     gr.Markdown(
@@ -400,9 +420,14 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
             preset = gr.Dropdown([(p.label, name) for name, p in PRESETS.items()], value=DEFAULT_PRESET,
                                  label="Model preset", elem_id="preset")
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+            profile = gr.Dropdown(list(PRESETS[DEFAULT_PRESET].profile_names), value="default", label="Profile",
+                                  elem_id="profile")
             threshold = gr.Slider(0.0, 1.0, value=PRESETS[DEFAULT_PRESET].bwcache["threshold"], step=0.005,
                                   label="δ (threshold)", info="higher = more reuse, faster, lower fidelity",
                                   elem_id="threshold")
+            # The slider's value as sent, as the number fields' are: its box holds whatever is being typed (empty,
+            # out of range), which the tuning view and Run's checks answer with their own messages.
+            threshold.preprocess = lambda payload: payload
             # What Run sends: the slider's value, copied here as it moves. The API sees this field, empty by
             # default, so a call that leaves δ out (or sends null) gets the preset's own default.
             threshold_value = field_number(None, label="δ (threshold)", visible=False)
@@ -418,8 +443,12 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
                                                 elem_id="reuse-interval")
                     tail_fraction = field_number(label="Tail fraction", step=0.05,
                                               info="share of the trigger step always computed at the end")
-                mode = gr.Radio(["paper", "blockwise"], label="Mode",
-                                info="paper: one indicator per step; blockwise: each block decides")
+                mode = gr.Radio(["paper", "blockwise", "static"], label="Mode",
+                                info="paper: one indicator per step; blockwise: each block decides; static: "
+                                "block-wise mode's schedule without the indicator")
+                extrapolation = field_number(label="Extrapolation", step=0.05, elem_id="extrapolation",
+                                             info="0 to 1. 0: a reused residual is added unchanged; 1: moved along "
+                                             "the line through its last two computed ones")
                 indicator_feature = gr.Radio(
                     [("hidden-states input (paper Eq. 5)", "hidden_states"),
                      ("modulated attention input, as the official code measures it (paper mode)", "modulated")],
@@ -441,7 +470,7 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
 
         with gr.Column(scale=2):
             with gr.Tabs():
-                with gr.Tab("Comparison"):
+                with gr.Tab("Comparison") as comparison_tab:
                     with gr.Row(equal_height=True, elem_classes=["video-pair"]):
                         baseline_video = gr.Video(label="Uncached", autoplay=True, loop=True, buttons=["download"],
                                                   interactive=False, elem_id="baseline-video")
@@ -459,15 +488,17 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
                     with gr.Accordion("Downloads and run record", open=False):
                         downloads = gr.File(label="Files of this run", file_count="multiple", interactive=False)
                         record_json = gr.JSON(label="Run record")
-                with gr.Tab("Threshold tuning"):
+                with gr.Tab("Threshold tuning", elem_id="tuning-tab") as tuning_tab:
                     gr.Markdown(
-                        "What each δ would do, predicted exactly (paper mode) from the last uncached run's distance "
-                        "map: the trigger step, the share of block evaluations reused and the speedup if skipped "
-                        "blocks saved their share of the time. Move δ and release to update."
+                        "What each δ would do in the last run's mode, from its uncached run's distance map: the "
+                        "share of block evaluations reused and the speedup if skipped blocks saved their share of "
+                        "the time. Paper mode is predicted exactly (before its trigger a cached run computes what the "
+                        "uncached run did). Block-wise mode is estimated: a reuse changes every later input, so only "
+                        "its first reuse is exact. Measured runs are marked. Move δ or type it to update."
                     )
-                    tuning_text = gr.Markdown()
-                    tuning_plot = gr.Plot(label="δ → reuse and predicted speedup", elem_id="tuning-plot")
-                with gr.Tab("Sweep"):
+                    tuning_text = gr.Markdown(elem_id="tuning-text")
+                    tuning_plot = gr.Plot(label="δ → reuse and speedup", elem_id="tuning-plot")
+                with gr.Tab("Sweep") as sweep_tab:
                     gr.Markdown("Measured, not predicted: one uncached run, then the cached pipeline at each δ.")
                     with gr.Row():
                         thresholds = gr.Textbox(DEFAULT_SWEEP, label="δ values", info="comma-separated, 0 to 1",
@@ -481,7 +512,8 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
     tuning_state = gr.State()
 
     form = [prompt, negative_prompt, threshold, reuse_interval, tail_fraction, mode, indicator_feature,
-            num_inference_steps, num_frames, height, width, guidance_scale, seed, notes]
+            num_inference_steps, num_frames, height, width, guidance_scale, seed, profile, extrapolation, notes]
+    profile_form = [threshold, reuse_interval, tail_fraction, mode, indicator_feature, extrapolation, profile]
     settings_inputs = [negative_prompt, reuse_interval, tail_fraction, mode, num_inference_steps, num_frames, height,
                        width, guidance_scale]
     run_outputs = [baseline_video, bwcache_video, heatmap, summary, record_json, seed, peer_video, downloads,
@@ -493,13 +525,15 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
     demo.load(fill_preset, preset, form, queue=False, api_visibility="private")
     # `input`, not `change`: examples set the preset themselves, together with their own settings.
     preset.input(fill_preset, preset, form, queue=False, api_visibility="private")
+    profile.input(fill_profile, [preset, profile], profile_form, queue=False, api_visibility="private")
 
     # A new run clears the last one's results, so that an error does not leave them on screen as if current.
     run.click(lambda: (None, None, "", None), None, [baseline_video, bwcache_video, summary, heatmap], queue=False,
               api_visibility="private")
     run.click(
         cancellable(compare),
-        [prompt, preset, threshold_value, seed, *settings_inputs, randomize_seed, compare_with, indicator_feature],
+        [prompt, preset, threshold_value, seed, *settings_inputs, randomize_seed, compare_with, indicator_feature,
+         profile, extrapolation],
         run_outputs,
         api_name="compare",
         concurrency_limit=1,
@@ -514,11 +548,20 @@ with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 72
     )
     for control in (view, branch, log_color):
         control.input(redraw, [run_state, view, branch, log_color], heatmap, queue=False, api_visibility="private")
+    # Typing in δ's box fires `input` at every keystroke (and Enter changes nothing more), dragging fires it as the
+    # slider moves: the view follows both, the last value always drawn. `release` covers the box losing focus, where
+    # the slider clamps what was typed to its range.
+    threshold.input(retune, [tuning_state, threshold], [tuning_plot, tuning_text], queue=False,
+                    trigger_mode="always_last", api_visibility="private")
     threshold.release(retune, [tuning_state, threshold], [tuning_plot, tuning_text], queue=False,
                       api_visibility="private")
+    # A plot drawn while its tab is hidden (a run or sweep finishing while another tab shows) has no width to fit:
+    # Plotly sizes it to a default. Gradio's plots resize with the window, so a resize once the tab shows fits it.
+    for tab in (comparison_tab, tuning_tab, sweep_tab):
+        tab.select(None, None, None, js=REFIT_PLOTS, queue=False, api_visibility="private")
     sweep_button.click(
         cancellable(sweep),
-        [prompt, preset, thresholds, seed, *settings_inputs, indicator_feature],
+        [prompt, preset, thresholds, seed, *settings_inputs, indicator_feature, profile, extrapolation],
         [sweep_plot, sweep_table, sweep_file, tuning_state],
         api_name="sweep",
         concurrency_limit=1,

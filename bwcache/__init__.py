@@ -11,7 +11,7 @@ from .blocks import register_block
 from .config import BWCacheConfig
 from .parallel import enable_context_parallel
 from .apply import BWCacheHandle, apply_bwcache, cached, get_bwcache_handle, remove_bwcache
-from .schedule import paper_schedule, predict_schedule
+from .schedule import estimate_blockwise_schedule, paper_schedule, predict_schedule
 from .trace import Trace, summarize
 
 __version__ = package_version()
@@ -23,6 +23,7 @@ __all__ = [
     "apply_bwcache",
     "cached",
     "enable_context_parallel",
+    "estimate_blockwise_schedule",
     "get_bwcache_handle",
     "paper_schedule",
     "predict_schedule",

@@ -3,7 +3,11 @@
 `python -m bwcache bench` runs, for each prompt: a warm-up, then per repeat the uncached run and every method's
 cached run, in one process, so each speedup is a ratio of two runs taken side by side. Reported per method: median
 speedup over prompts × repeats, mean PSNR and SSIM against the uncached video (float frames, before encoding), and
-the share of the DiT blocks' linear-layer FLOPs that the method skipped (measured the same way for every method).
+the share of the DiT blocks' compute that the method skipped: the FLOPs of their linear layers and of their attention
+(from the shapes of each attention call that runs), measured the same way for every method.
+
+By default the prompts are ones no default was tuned on (`HELD_OUT_PROMPTS`), and the results go to a new folder;
+an existing result file is overwritten only with `--overwrite`.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import peers
 from .blocks import find_blocks
@@ -36,6 +42,7 @@ from .trace import format_bytes
 OVERHEAD_PROMPTS = 3
 OVERHEAD_REPEATS = 5
 
+# The prompts the embedded preset's defaults and profiles were tuned on.
 TINY_PROMPTS = (
     "a red square moving right",
     "a blue circle moving left",
@@ -49,6 +56,19 @@ TINY_PROMPTS = (
     "a blue square moving up",
 )
 
+# Prompts no default or profile was tuned on: the benchmark's default set, where its targets are read.
+HELD_OUT_PROMPTS = (
+    "a green square moving left",
+    "a yellow circle moving right",
+    "a magenta square moving up",
+    "a cyan circle moving down",
+    "a blue circle moving down",
+    "a red square moving up",
+    "a white circle moving left",
+    "a yellow square moving right",
+)
+PROMPT_SETS = {"held-out": HELD_OUT_PROMPTS, "tuning": TINY_PROMPTS}
+
 
 @dataclass
 class Method:
@@ -56,22 +76,44 @@ class Method:
 
     key: str
     label: str
-    kind: str  # "bwcache" or a peer key
+    kind: str  # "bwcache", "steps" (uncached with fewer steps) or a peer key
     params: dict = field(default_factory=dict)
     family: str | None = None  # the plot's group; derived from kind and mode when None
+    profile: str | None = None  # a BWCache row: the preset profile its params override
 
     def enable(self, pipe, preset, settings, calibration):
         if self.kind == "bwcache":
-            config = resolve_config(preset, settings["num_inference_steps"], **self.params)
+            config = resolve_config(preset, settings["num_inference_steps"], profile=self.profile, **self.params)
             handle = apply_bwcache(pipe, config)
             return handle.remove, handle
+        if self.kind == "steps":
+            return (lambda: None), None
         peer = peers.enable_peer(self.kind, pipe, settings, params=self.params, mag_ratios=calibration)
         return peer.remove, None
 
+    def settings_for(self, settings: dict, steps: dict[str, int]) -> dict:
+        """The generation settings of this row: the prompt's, with fewer steps for a "steps" row."""
+        if self.kind != "steps":
+            return settings
+        return {**settings, "num_inference_steps": steps[self.key]}
+
 
 def default_methods() -> list[Method]:
-    # The preset's own default config first: the row the targets are read from.
-    methods = [Method("bw-default", "BWCache preset default", "bwcache", {}, family="BWCache preset default")]
+    # The preset's own profiles first: the rows the targets are read from.
+    methods = [Method("bw-default", "BWCache preset default", "bwcache", {}, family="BWCache profiles"),
+               Method("bw-fast", "BWCache fast profile", "bwcache", {}, family="BWCache profiles", profile="fast")]
+    # Ablations: each profile with its residuals reused unchanged (no extrapolation), its schedule without the
+    # indicator, and the uncached pipeline with fewer steps in about the same compute (the paper's Table 3 baseline).
+    for profile in ("default", "fast"):
+        methods.append(Method(f"bw-{profile}-unchanged", f"BWCache {profile} profile, residuals unchanged", "bwcache",
+                              {"extrapolation": 0.0}, family="Ablations", profile=profile))
+    methods.append(Method("static-default", "Static schedule (default's warm-up, R, tail)", "bwcache",
+                          {"mode": "static"}, family="Ablations"))
+    methods.append(Method("static-fast", "Static schedule (fast profile's warm-up, R, tail)", "bwcache",
+                          {"mode": "static"}, family="Ablations", profile="fast"))
+    for matched in ("bw-default", "bw-fast"):
+        methods.append(Method(f"steps-as-{matched}", f"Fewer steps, {matched}'s compute", "steps",
+                              {"match": matched}, family="Ablations"))
     # Paper rows pin the published method (mode and R = 10% of the steps), whatever the preset's default is.
     paper = {"mode": "paper", "reuse_interval": AUTO}
     for delta in (0.02, 0.03, 0.05, 0.1, 0.15):
@@ -113,23 +155,66 @@ def default_methods() -> list[Method]:
     for t in (0.25, 0.5):
         methods.append(Method(f"seacache-{t:g}", f"SeaCache {t:g}", "seacache", {"threshold": t}))
     methods.append(Method("pab-2", "PAB spatial 2", "pab", {}))
+    # cache-dit's DBCache at its Wan settings (F1B0, 2 warm-up steps, at most 2 cached steps in a row), alone and
+    # with its TaylorSeer calibrator, at its recommended residual-difference threshold and two faster ones.
+    for key in ("cachedit", "cachedit-taylorseer"):
+        for t in (0.08, 0.12, 0.16):
+            label = f"{peers.cachedit.METHODS[key]} {t:g}"
+            methods.append(Method(f"{key}-{t:g}", label, key, {"residual_diff_threshold": t}))
     return methods
 
 
-class LinearFlopProbe:
-    """Counts the FLOPs of the linear layers inside the DiT blocks that actually run."""
+class ComputeProbe:
+    """Counts the FLOPs the DiT blocks actually execute: their linear layers (2 per multiply-add, from each call's
+    input) and their attention (QKᵀ and the weighted sum of V, 4·|Q|·L_k, from the shapes of each call to torch's
+    `scaled_dot_product_attention`, which no FLOP counter sees on a CPU). Use as a context manager: while it is
+    active, that function is wrapped (and called unchanged, so the outputs are those of an unprobed run)."""
 
     def __init__(self, transformer):
+        blocks = [spec.module for spec in find_blocks(transformer)]
         prefixes = tuple(spec.name + "." for spec in find_blocks(transformer))
-        self.flops = 0
+        self.linear_flops = 0
+        self.attention_flops = 0
+        self._depth = 0
+        self._original = None
         self._handles = [
             module.register_forward_hook(self._count)
             for name, module in transformer.named_modules()
             if name.startswith(prefixes) and isinstance(module, torch.nn.Linear)
         ]
+        for block in blocks:
+            self._handles.append(block.register_forward_pre_hook(self._enter))
+            self._handles.append(block.register_forward_hook(self._leave, always_call=True))
+
+    @property
+    def flops(self) -> int:
+        return self.linear_flops + self.attention_flops
+
+    def _enter(self, module, args):
+        self._depth += 1
+
+    def _leave(self, module, args, output):
+        self._depth -= 1
 
     def _count(self, module, args, output):
-        self.flops += 2 * args[0].numel() * module.out_features
+        self.linear_flops += 2 * args[0].numel() * module.out_features
+
+    def __enter__(self):
+        original = self._original = F.scaled_dot_product_attention
+
+        def counted(*args, **kwargs):
+            if self._depth > 0:
+                query = kwargs.get("query", args[0] if args else None)
+                key = kwargs.get("key", args[1] if len(args) > 1 else None)
+                self.attention_flops += 4 * query.numel() * key.shape[-2]
+            return original(*args, **kwargs)
+
+        F.scaled_dot_product_attention = counted
+        return self
+
+    def __exit__(self, *exc):
+        F.scaled_dot_product_attention = self._original
+        return False
 
     def remove(self):
         for handle in self._handles:
@@ -138,53 +223,120 @@ class LinearFlopProbe:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny-shapes")
-    parser.add_argument("--prompts", type=int, default=8, help="number of prompts (from the preset's list)")
-    parser.add_argument("--prompt-file", type=Path, help="one prompt per line, instead of the built-in list")
+    parser.add_argument("--prompt-set", choices=sorted(PROMPT_SETS), default="held-out",
+                        help="held-out: prompts no default was tuned on (default); tuning: the ones they were tuned on")
+    parser.add_argument("--prompts", type=int, default=8, help="number of prompts (from the prompt set)")
+    parser.add_argument("--prompt-file", type=Path, help="one prompt per line, instead of a prompt set")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per prompt (median taken)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", help="comma-separated method keys (default: all); see --list-methods")
     parser.add_argument("--list-methods", action="store_true")
     parser.add_argument("--device")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, SVG and HTML")
+    parser.add_argument("--out", type=Path,
+                        help="folder for JSON, SVG and HTML (default: a new folder benchmarks/runs/<preset>-<time>)")
     parser.add_argument("--markdown", type=Path, help="also write the report (e.g. BENCHMARKS.md)")
+    parser.add_argument("--overwrite", action="store_true", help="replace result files that already exist")
 
 
-def run_from_args(args) -> int:
+def select_methods(keys: str | None) -> list[Method]:
+    """The methods named in a comma-separated list (all when None), in table order; each "steps" row needs the row
+    whose compute it matches."""
     methods = default_methods()
-    if args.list_methods:
-        for m in methods:
-            print(f"{m.key:<22} {m.label}")
-        return 0
-    if args.methods:
-        wanted = [k.strip() for k in args.methods.split(",") if k.strip()]
+    if keys:
+        wanted = [k.strip() for k in keys.split(",") if k.strip()]
         unknown = sorted(set(wanted) - {m.key for m in methods})
         if unknown:
             raise ValueError(f"Unknown method(s) {unknown}; see --list-methods.")
         methods = [m for m in methods if m.key in wanted]
+    chosen = {m.key for m in methods}
+    for m in methods:
+        if m.kind == "steps" and m.params["match"] not in chosen:
+            raise ValueError(f"Method {m.key} runs as many steps as {m.params['match']}'s compute allows: add "
+                             f"{m.params['match']} to --methods.")
+    return methods
+
+
+def output_paths(out: Path | None, preset_name: str, overwrite: bool, markdown: Path | None = None) -> dict[str, Path]:
+    """Where the results go, checked before any work: a new folder by default; an existing file only with
+    `overwrite`."""
+    if out is None:
+        out = Path("benchmarks/runs") / f"{preset_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    paths = {"json": out / f"{preset_name}.json", "svg": out / f"{preset_name}-pareto.svg",
+             "html": out / f"{preset_name}-pareto.html"}
+    if markdown is not None:
+        paths["markdown"] = markdown
+    for path in paths.values():
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; the benchmark writes a file there.")
+        if path.exists() and not overwrite:
+            raise ValueError(f"{path} already exists; pass --overwrite to replace it, or choose another --out.")
+    return paths
+
+
+def run_from_args(args) -> int:
+    if args.list_methods:
+        for m in default_methods():
+            print(f"{m.key:<22} {m.label}")
+        return 0
+    methods = select_methods(args.methods)
     if args.prompt_file:
         prompts = [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
     else:
-        prompts = list(TINY_PROMPTS)
+        prompts = list(PROMPT_SETS[args.prompt_set])
+    if args.prompts < 1:
+        raise ValueError(f"--prompts must be ≥ 1, got {args.prompts}.")
     prompts = prompts[: args.prompts]
     if args.repeats < 1:
         raise ValueError(f"--repeats must be ≥ 1, got {args.repeats}.")
+    preset_name = resolve_preset(args.preset).name
+    paths = output_paths(args.out, preset_name, args.overwrite, args.markdown)
     command = "python -m bwcache bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
     results = run_benchmark(args.preset, prompts, methods, repeats=args.repeats, seed=args.seed, device=args.device)
     results["command"] = command
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{results['preset']}"
-    Path(f"{stem}.json").write_text(json.dumps(results, indent=1))
-    Path(f"{stem}-pareto.svg").write_text(pareto_svg(results["rows"]))
+    results["prompt_set"] = "file" if args.prompt_file else args.prompt_set
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    paths["json"].write_text(json.dumps(results, indent=1))
+    paths["svg"].write_text(pareto_svg(results["rows"]))
     from .figures import sweep_figure
 
     sweep_figure([_sweep_row(r) for r in results["rows"] if r["psnr"] is not None]).write_html(
-        f"{stem}-pareto.html", include_plotlyjs="cdn"
+        paths["html"], include_plotlyjs="cdn"
     )
     print(markdown_table(results["rows"]))
     if args.markdown:
-        args.markdown.write_text(report_markdown(results, svg_path=f"{stem}-pareto.svg"))
+        args.markdown.write_text(report_markdown(results, svg_path=str(paths["svg"])))
         print(f"wrote {args.markdown}")
+    print(f"results in {paths['json'].parent}")
     return 0
+
+
+class Progress:
+    """Progress lines with an ETA, from the generations done so far and those still planned."""
+
+    def __init__(self, report, planned: int):
+        self.report = report
+        self.planned = planned
+        self.done = 0
+        self.started = time.perf_counter()
+
+    def advance(self, generations: int, where: str) -> None:
+        self.done += generations
+        if self.report is None:
+            return
+        elapsed = time.perf_counter() - self.started
+        left = max(self.planned - self.done, 0) * elapsed / max(self.done, 1)
+        self.report(f"{where} · {_minutes(elapsed)} elapsed, about {_minutes(left)} left")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def _planned_generations(prompts: int, methods: list[Method], repeats: int) -> int:
+    """Generations a benchmark runs, for its ETA (the overheads' and memory passes included)."""
+    per_prompt = 3 + any(m.kind == "magcache" for m in methods) + len(methods) * (1 + repeats) + repeats
+    overheads = 1 + 4 + 2 * OVERHEAD_REPEATS
+    return prompts * per_prompt + min(prompts, OVERHEAD_PROMPTS) * overheads + 1 + len(MEMORY_KEYS)
 
 
 def _sweep_row(row):
@@ -207,8 +359,13 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
     skipped_reasons: dict[str, str] = {}
     overheads = {"indicator": [], "cache_work": [], "cache_work_other_storage": [], "ideal_ratio": [], "block_share": []}
     uncached_seconds = []
+    steps_used: dict[str, list[int]] = {m.key: [] for m in methods if m.kind == "steps"}
     started = time.perf_counter()
+    tracker = Progress(progress, _planned_generations(len(prompts), methods, repeats))
+    # A "steps" row is measured after the row whose compute it matches.
+    methods_in_order = [m for m in methods if m.kind != "steps"] + [m for m in methods if m.kind == "steps"]
     for p, prompt in enumerate(prompts):
+        where = f"[prompt {p + 1}/{len(prompts)}]"
         settings = resolve_settings(preset, prompt=prompt, seed=seed + p)
         check_prompt(pipe, preset, settings)
         generate(pipe, preset, settings, device)  # warm-up
@@ -219,16 +376,29 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
             calibration = peers.calibrate_magcache(
                 pipe, lambda: generate(pipe, preset, settings, device), settings["num_inference_steps"]
             )
+        tracker.advance(3 + (calibration is not None), f"{where} {prompt!r}: uncached run")
         active = []
-        for m in methods:
-            reason = peers.applicability(m.kind, pipe, settings) if m.kind != "bwcache" else None
+        steps: dict[str, int] = {}
+        for k, m in enumerate(methods_in_order):
+            if m.kind in peers.UNAVAILABLE:
+                skipped_reasons[m.key] = peers.UNAVAILABLE[m.kind]
+                continue
+            reason = peers.applicability(m.kind, pipe, settings) if m.kind not in ("bwcache", "steps") else None
             if reason:
                 skipped_reasons[m.key] = reason
                 continue
-            remove, _ = m.enable(pipe, preset, settings, calibration)
+            if m.kind == "steps":
+                # As many uncached steps as the matched row's compute buys.
+                matched = per_method[m.params["match"]]["skipped"][-1]
+                steps[m.key] = max(1, round(settings["num_inference_steps"] * (1.0 - matched)))
+                steps_used[m.key].append(steps[m.key])
+            run_settings = m.settings_for(settings, steps)
+            remove, _ = m.enable(pipe, preset, run_settings, calibration)
             try:
                 frames_holder = {}
-                flops = _probe_flops(pipe, lambda: frames_holder.setdefault("f", generate(pipe, preset, settings, device)[0]))
+                flops = _probe_flops(
+                    pipe, lambda: frames_holder.setdefault("f", generate(pipe, preset, run_settings, device)[0])
+                )
             finally:
                 remove()
             quality = compare_videos(baseline, frames_holder["f"], device=device)
@@ -236,21 +406,23 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
             per_method[m.key]["ssim"].append(quality["ssim"])
             per_method[m.key]["skipped"].append(1.0 - flops / plain_flops)
             active.append(m)
-        for _ in range(repeats):
+            tracker.advance(1, f"{where} [method {k + 1}/{len(methods)}] {m.label}: quality")
+        for r in range(repeats):
             _, t_plain = generate(pipe, preset, settings, device)
             uncached_seconds.append(t_plain)
             for m in active:
-                remove, _ = m.enable(pipe, preset, settings, calibration)
+                run_settings = m.settings_for(settings, steps)
+                remove, _ = m.enable(pipe, preset, run_settings, calibration)
                 try:
-                    _, t = generate(pipe, preset, settings, device)
+                    _, t = generate(pipe, preset, run_settings, device)
                 finally:
                     remove()
                 per_method[m.key]["seconds"].append(t)
                 per_method[m.key]["speedup"].append(t_plain / t)
+            tracker.advance(1 + len(active), f"{where} timed repeat {r + 1}/{repeats} of every method")
         if p < OVERHEAD_PROMPTS:
             overheads_for_prompt(pipe, preset, settings, device, overheads, overhead_repeats)
-        if progress:
-            progress(f"[{p + 1}/{len(prompts)}] {prompt!r} done after {time.perf_counter() - started:.0f} s")
+            tracker.advance(1 + 4 + 2 * overhead_repeats, f"{where} the cache's overheads")
 
     rows = []
     for m in methods:
@@ -259,13 +431,18 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
             rows.append({"key": m.key, "label": m.label, "family": _family(m), "skipped_reason": skipped_reasons.get(m.key),
                          "speedup": None, "psnr": None, "ssim": None, "skipped": None})
             continue
+        label = m.label
+        if m.key in steps_used:
+            used = sorted(set(steps_used[m.key]))
+            label += f" ({used[0]} steps)" if len(used) == 1 else f" ({used[0]}–{used[-1]} steps)"
         rows.append(
             {
                 "key": m.key,
-                "label": m.label,
+                "label": label,
                 "family": _family(m),
                 "threshold": m.params.get("threshold"),
                 "params": m.params,
+                **({"steps": steps_used[m.key]} if m.key in steps_used else {}),
                 "speedup": statistics.median(data["speedup"]),
                 "speedup_min": min(data["speedup"]),
                 "speedup_max": max(data["speedup"]),
@@ -277,6 +454,7 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
         )
     memory = memory_overhead(pipe, preset, resolve_settings(preset, prompt=prompts[0], seed=seed), device)
     settings = resolve_settings(preset, prompt=prompts[0], seed=seed)
+    tracker.advance(1 + len(MEMORY_KEYS), "memory")
     return {
         "preset": preset.name,
         "model": preset.label,
@@ -310,7 +488,9 @@ def _family(method: Method) -> str:
         return method.family
     if method.kind == "bwcache":
         return "BWCache block-wise" if method.params.get("mode") == "blockwise" else "BWCache paper"
-    return peers.METHODS[method.kind]
+    if method.kind == "steps":
+        return "Ablations"
+    return peers.METHODS.get(method.kind) or peers.cachedit.METHODS[method.kind]
 
 
 def _finite_mean(values):
@@ -319,9 +499,11 @@ def _finite_mean(values):
 
 
 def _probe_flops(pipe, work) -> int:
-    probe = LinearFlopProbe(pipe.transformer)
+    """The DiT blocks' FLOPs (linear layers and attention) executed during `work()`."""
+    probe = ComputeProbe(pipe.transformer)
     try:
-        work()
+        with probe:
+            work()
     finally:
         probe.remove()
     return probe.flops
@@ -429,6 +611,9 @@ def other_storage(config: BWCacheConfig) -> BWCacheConfig:
 
 def _storage_text(config: BWCacheConfig) -> str:
     return f"cached tensors in {config.cache_dtype}" if config.cache_dtype else "cached tensors in the model's dtype"
+
+
+MEMORY_KEYS = ("default", "default_other_storage", "full_trace", "paper", "paper_other_storage")
 
 
 def memory_configs(config: BWCacheConfig) -> dict[str, tuple[str, BWCacheConfig]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from .config import MODES
 from .parallel import KINDS, init_distributed, is_main_process
 from .pipelines import PipelineUnavailable
 from .report import OUTPUT_FILES
@@ -41,9 +42,11 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", help="the preset's cache profile: default, fast, … (the other cache options "
+                        "change it)")
     parser.add_argument("--reuse-interval", type=_reuse_interval, help="R: 'auto' (10%% of steps) or an integer")
     parser.add_argument("--tail-fraction", type=float, help="paper mode tail fraction (0 to 1)")
-    parser.add_argument("--mode", choices=["paper", "blockwise"])
+    parser.add_argument("--mode", choices=list(MODES))
     parser.add_argument("--indicator-feature", choices=["hidden_states", "modulated"],
                         help="what distances are measured on: the blocks' hidden-states input (default) or their "
                         "modulated attention input, as the official code does (paper mode)")
@@ -57,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_arguments(compare)
     compare.add_argument("--threshold", type=float, help="δ (default: the preset's)")
     _add_cache_arguments(compare)
-    compare.add_argument("--compare-with", help="also run a peer cache: fbc, magcache, taylorseer, seacache or pab")
+    from .cachedit import INSTALL_HINT
+    from .peers import METHODS as PEER_METHODS
+    from .peers import UNAVAILABLE as UNAVAILABLE_PEERS
+
+    missing = f"; {', '.join(UNAVAILABLE_PEERS)} need cache-dit: {INSTALL_HINT}" if UNAVAILABLE_PEERS else ""
+    compare.add_argument("--compare-with", help=f"also run a peer cache: {', '.join(PEER_METHODS)}{missing}")
     compare.add_argument(
         "--context-parallel", choices=KINDS,
         help="shard the denoiser over all processes of a torchrun launch (torchrun --nproc_per_node=N -m bwcache "
@@ -118,8 +126,10 @@ def _preflight(args) -> None:
     from .runner import resolve_preset
     from .ui import check_request
 
+    preset = resolve_preset(args.preset)
+    preset.profile_settings(args.profile)
     check_request(
-        resolve_preset(args.preset), prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+        preset, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         threshold=args.threshold, reuse_interval=args.reuse_interval, tail_fraction=args.tail_fraction,
         mode=args.mode, num_inference_steps=args.num_inference_steps, num_frames=args.num_frames,
         height=args.height, width=args.width, guidance_scale=args.guidance_scale,
@@ -156,7 +166,7 @@ def _run_compare(args) -> int:
     main = is_main_process()
     comparison = run_comparison(
         preset=args.preset, prompt=args.prompt, seed=args.seed, threshold=args.threshold,
-        negative_prompt=args.negative_prompt, reuse_interval=args.reuse_interval, tail_fraction=args.tail_fraction,
+        negative_prompt=args.negative_prompt, profile=args.profile, reuse_interval=args.reuse_interval, tail_fraction=args.tail_fraction,
         mode=args.mode, indicator_feature=args.indicator_feature, num_inference_steps=args.num_inference_steps,
         num_frames=args.num_frames,
         height=args.height, width=args.width, guidance_scale=args.guidance_scale, device=args.device,

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-MODES = ("paper", "blockwise")
+MODES = ("paper", "blockwise", "static")
 INDICATOR_FEATURES = ("hidden_states", "modulated")
 TAIL_RULES = ("guarded", "official")
 INDICATOR_BLOCK_PRESETS = ("all", "every_other")
@@ -48,6 +48,9 @@ class BWCacheConfig:
             triggers a fixed schedule of R reused steps and one computed step, in which a reused step runs no block.
             `"blockwise"`: each block decides on its own, every step, whether to reuse its cached residual (see
             `bwcache.policies` for the exact rule).
+            `"static"`: block-wise mode's schedule without its indicator: between the warm-up and the tail every block
+            reuses R steps, then computes one; no distance is measured and δ only matters at `0` (nothing reused).
+            The ablation that shows what the indicator adds.
         num_inference_steps (`int`, *optional*):
             T. `None` takes it from the pipeline's `cache_context(..., num_inference_steps=T)`; if the schedule needs
             it and nothing provides it, the first denoising call raises an error. Allowed: an integer ≥ 1.
@@ -72,6 +75,12 @@ class BWCacheConfig:
         accumulate_distance (`bool`, defaults to `False`):
             Block-wise mode: decide on the sum of step-to-step distances since the block was last computed
             (TeaCache-style) instead of the distance to the input it was last computed on.
+        extrapolation (`float`, defaults to `0.0`):
+            How far a reused residual moves along the line through its last two computed residuals, over the
+            scheduler's timesteps: `0` reuses the last residual unchanged (the paper), `1` extrapolates it linearly to
+            the reused step, values in between shrink that first-order step (TaylorSeer-style, damped: a full step
+            overshoots when the drift curves). Above 0 one more residual is held per block (per branch in paper
+            mode); a reuse with fewer than two computed residuals adds the last one unchanged. Allowed: 0 to 1.
         cache_dtype (`str`, *optional*):
             Store cached residuals and indicator features in this dtype. `None` keeps the model's own; on a float32
             model `"bfloat16"` halves the cache's memory, at a rounding error in reused outputs far below the error
@@ -94,6 +103,7 @@ class BWCacheConfig:
     warmup_steps: int = 2
     tail_steps: int = 1
     accumulate_distance: bool = False
+    extrapolation: float = 0.0
     cache_dtype: str | None = None
 
     def __post_init__(self):
@@ -140,6 +150,13 @@ class BWCacheConfig:
                 raise ValueError(f"{name} must be an integer ≥ 0, got {value!r}.")
         if not isinstance(self.accumulate_distance, bool):
             raise ValueError(f"accumulate_distance must be True or False, got {self.accumulate_distance!r}.")
+        if (
+            isinstance(self.extrapolation, bool)
+            or not isinstance(self.extrapolation, (int, float))
+            or not 0.0 <= self.extrapolation <= 1.0
+        ):
+            raise ValueError(f"extrapolation must be between 0 and 1, got {self.extrapolation!r}.")
+        self.extrapolation = float(self.extrapolation)
         if isinstance(self.cache_dtype, torch.dtype):
             self.cache_dtype = str(self.cache_dtype).removeprefix("torch.")
         if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:

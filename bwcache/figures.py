@@ -334,24 +334,36 @@ def indicator_figure(trace: Mapping[str, Any], branch: str = "cond", title: str 
 # ----------------------------------------------------------------------------- tuning and sweep
 
 
-def tuning_figure(points: Sequence[Mapping[str, Any]], chosen_threshold: float | None = None) -> go.Figure:
-    """Predicted effect of δ: reuse fraction (left axis) and predicted speedup
-    (right axis) against δ, with the chosen δ marked by a dashed vertical line.
+def tuning_figure(
+    points: Sequence[Mapping[str, Any]],
+    chosen_threshold: float | None = None,
+    *,
+    mode: str = "paper",
+    estimated: bool = False,
+    measured: Sequence[Mapping[str, Any]] = (),
+) -> go.Figure:
+    """Effect of δ: reuse fraction (left axis) and speedup (right axis) against δ, with the chosen δ marked by a
+    dashed vertical line.
 
-    ``points``: dicts with ``threshold``, ``trigger_step``, ``reuse_fraction``, ``predicted_speedup``.
+    ``points``: dicts with ``threshold``, ``trigger_step``, ``reuse_fraction``, ``predicted_speedup``, for the
+    cache's ``mode`` (as the title names it): an exact prediction or, with ``estimated``, an estimate (block-wise
+    mode), as the title and legend say. ``measured``: reuse fractions measured by real runs (``threshold``,
+    ``reuse_fraction``), drawn as markers.
     """
     pts = sorted(points, key=lambda p: float(p["threshold"]))
     x = [float(p["threshold"]) for p in pts]
     trig = ["none" if p.get("trigger_step") is None else str(int(p["trigger_step"])) for p in pts]
+    kind = "estimated" if estimated else "predicted"
+    step_name = "trigger step" if mode == "paper" else "first reuse step"
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(
         go.Scatter(
             x=x,
             y=[_none_to_nan(p.get("reuse_fraction")) for p in pts],
             mode="lines+markers",
-            name="reuse fraction",
+            name=f"{kind} reuse fraction",
             customdata=trig,
-            hovertemplate="δ = %{x:.3g}<br>reuse %{y:.1%}<br>trigger step %{customdata}<extra></extra>",
+            hovertemplate=f"δ = %{{x:.3g}}<br>{kind} reuse %{{y:.1%}}<br>{step_name} %{{customdata}}<extra></extra>",
         ),
         secondary_y=False,
     )
@@ -360,13 +372,26 @@ def tuning_figure(points: Sequence[Mapping[str, Any]], chosen_threshold: float |
             x=x,
             y=[_none_to_nan(p.get("predicted_speedup")) for p in pts],
             mode="lines+markers",
-            name="predicted speedup",
+            name=f"{kind} speedup",
             line=dict(dash="dot"),
             customdata=trig,
-            hovertemplate="δ = %{x:.3g}<br>speedup ×%{y:.2f}<br>trigger step %{customdata}<extra></extra>",
+            hovertemplate=f"δ = %{{x:.3g}}<br>{kind} speedup ×%{{y:.2f}}<br>{step_name} %{{customdata}}<extra></extra>",
         ),
         secondary_y=True,
     )
+    if measured:
+        runs = sorted(measured, key=lambda p: float(p["threshold"]))
+        fig.add_trace(
+            go.Scatter(
+                x=[float(p["threshold"]) for p in runs],
+                y=[_none_to_nan(p.get("reuse_fraction")) for p in runs],
+                mode="markers",
+                name="measured reuse fraction",
+                marker=dict(symbol="diamond", size=11, color=_TRIGGER_COLOR, line=dict(width=1, color="white")),
+                hovertemplate="δ = %{x:.3g}<br>measured reuse %{y:.1%}<extra></extra>",
+            ),
+            secondary_y=False,
+        )
     if chosen_threshold is not None:
         fig.add_vline(
             x=float(chosen_threshold),
@@ -377,9 +402,10 @@ def tuning_figure(points: Sequence[Mapping[str, Any]], chosen_threshold: float |
         )
     fig.update_xaxes(title_text="δ (threshold)")
     fig.update_yaxes(title_text="reuse fraction", tickformat=".0%", rangemode="tozero", secondary_y=False)
-    fig.update_yaxes(title_text="predicted speedup (×)", rangemode="tozero", secondary_y=True)
+    fig.update_yaxes(title_text=f"{kind} speedup (×)", rangemode="tozero", secondary_y=True)
+    title = f"Threshold tuning ({'estimated' if estimated else 'predicted exactly'} for {mode} mode)"
     fig.update_layout(
-        title=dict(text="Threshold tuning (predicted)"),
+        title=dict(text=title),
         template="plotly_white",
         height=380,
         legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),

@@ -134,6 +134,9 @@ class BWCacheState(BaseState):
         self.feature_norms: list[torch.Tensor | None] = [None] * self.num_blocks
         # Per chain (keyed by its first block): cached residuals of both streams.
         self.residuals: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        # With `extrapolation`: when each residual was computed, and the one computed before it.
+        self.residual_times: dict[int, float] = {}
+        self.previous_residuals: dict[int, tuple[torch.Tensor | None, torch.Tensor | None, float]] = {}
         self.chain_heads: list[bool] = [True] * self.num_blocks
         self.output_arity: list[int | None] = [None] * self.num_blocks
         # Within one call.
@@ -373,7 +376,7 @@ class BWCacheHook(ModelHook):
 
         self.policy.plan_step(state)
         if state.computed_step and not state.need_residuals and config.mode == "paper":
-            state.residuals = {}
+            _drop_residuals(state)
         if not state.computed_step and not state.residuals:
             raise RuntimeError(f"BWCache has no cached residual to reuse at step {step}.")
 
@@ -417,7 +420,7 @@ class BWCacheHook(ModelHook):
             state.feature_norms = [None] * len(self.blocks)
         if state.computed_step and not self.policy.keeps_residuals(state):
             state.chain_start = None
-            state.residuals = {}
+            _drop_residuals(state)
         self._close_chain(state)
         state.last_output = None
 
@@ -439,6 +442,7 @@ class BWCacheHook(ModelHook):
         storages = {}
         for state in self.states.values():
             held = [t for pair in state.residuals.values() for t in pair] + state.features
+            held += [t for *pair, _ in state.previous_residuals.values() for t in pair]
             for tensor in held:
                 if tensor is not None:
                     storage = tensor.untyped_storage()
@@ -477,14 +481,19 @@ class BWCacheHook(ModelHook):
             features = self._features(hidden_states)
             if self._measure(state, i, features, plan.may_reuse):
                 return self._reuse_block(spec, state, hidden_states, encoder_hidden_states)
+        elif plan.may_reuse and self.policy.decide(state, i, None):
+            # A schedule that reuses without measuring (static mode).
+            state.step_reused.add(i)
+            return self._reuse_block(spec, state, hidden_states, encoder_hidden_states)
 
-        if self.config.mode == "blockwise":
+        if self.config.mode != "paper":
             if plan.keep:
-                self._keep_features(state, i, features if features is not None else self._features(hidden_states))
+                if self.policy.measures:
+                    self._keep_features(state, i, features if features is not None else self._features(hidden_states))
             elif i in self.policy.indicator_blocks:
                 # No later step can reuse this block.
                 state.features[i] = state.feature_norms[i] = None
-                state.residuals.pop(i, None)
+                _drop_residuals(state, i)
             self.policy.block_computed(state, i)
             state.chain_heads[i] = True
             state.last_output = None
@@ -539,7 +548,7 @@ class BWCacheHook(ModelHook):
         i = spec.index
         state.output_arity[i] = len(output) if isinstance(output, (tuple, list)) else None
         state.last_output = _block_outputs(spec, output)
-        if state.keep_residual and self.config.mode == "blockwise":
+        if state.keep_residual and self.config.mode != "paper":
             self._close_chain(state)
 
     def _reuse_chain(self, spec, state, hidden_states, encoder_hidden_states):
@@ -556,7 +565,7 @@ class BWCacheHook(ModelHook):
         return _pack(spec, state.output_arity[i], hidden_states, encoder_hidden_states)
 
     def _reuse_block(self, spec, state, hidden_states, encoder_hidden_states, remember=False):
-        residual_hs, residual_ehs = state.residuals[spec.index]
+        residual_hs, residual_ehs = self._residual_now(state, spec.index)
         hidden_states = hidden_states + residual_hs
         if residual_ehs is not None:
             encoder_hidden_states = encoder_hidden_states + residual_ehs
@@ -597,8 +606,9 @@ class BWCacheHook(ModelHook):
         chained = self.config.mode == "paper" and self._is_chained(spec, state, hidden_states, encoder_hidden_states)
         if not chained:
             self._close_chain(state)
-            # The chain is recomputed now: its old residual is stale, and freeing it first lowers the peak.
-            state.residuals.pop(i, None)
+            # The chain is recomputed now: its old residual is stale, and freeing it first lowers the peak (unless
+            # it is the older point of an extrapolation).
+            self._retire_residual(state, i)
             start_hs = hidden_states
             if self.config.mode == "paper":
                 # The chain's input is held while the chain runs; a compact copy lets the model free its own.
@@ -630,7 +640,32 @@ class BWCacheHook(ModelHook):
         if start_ehs is not None and last_ehs is not None and last_ehs is not start_ehs:
             residual_ehs = _compact(last_ehs - start_ehs, self.cache_dtype)
         state.residuals[head] = (_compact(last_hs - start_hs, self.cache_dtype), residual_ehs)
+        state.residual_times[head] = _time(state)
         state.chain_start = None
+
+    def _retire_residual(self, state: BWCacheState, head: int) -> None:
+        """Before chain `head` is recomputed: keep its residual as the previous one when extrapolating, else drop it."""
+        residual = state.residuals.pop(head, None)
+        if self.config.extrapolation > 0 and residual is not None:
+            state.previous_residuals[head] = (*residual, state.residual_times[head])
+        else:
+            state.previous_residuals.pop(head, None)
+
+    def _residual_now(self, state: BWCacheState, head: int):
+        """The residual chain `head` adds at this step: the last computed one or, with `extrapolation` and two
+        computed, that far along the line through both towards this step's time."""
+        residual = state.residuals[head]
+        previous = state.previous_residuals.get(head)
+        if previous is None:
+            return residual
+        t1, t0 = state.residual_times[head], previous[2]
+        if t1 == t0:
+            return residual
+        factor = self.config.extrapolation * (_time(state) - t1) / (t1 - t0)
+        return tuple(
+            None if last is None else (last + (last - older) * factor if older is not None else last)
+            for last, older in zip(residual, previous[:2])
+        )
 
 
 class BWCacheBlockHook(ModelHook):
@@ -670,6 +705,20 @@ def _skip_under_dynamo(function) -> None:
 
 
 _skip_under_dynamo(BWCacheBlockHook.new_forward)
+
+
+def _time(state: BWCacheState) -> float:
+    """Where this step lies on the scheduler's axis: its timestep when the model is given one, else its index."""
+    return float(state.step) if state.last_timestep is None else state.last_timestep
+
+
+def _drop_residuals(state: BWCacheState, head: int | None = None) -> None:
+    """Forget every residual of the branch (or of chain `head`), with what an extrapolation would need."""
+    if head is None:
+        state.residuals, state.residual_times, state.previous_residuals = {}, {}, {}
+        return
+    for held in (state.residuals, state.residual_times, state.previous_residuals):
+        held.pop(head, None)
 
 
 def _host_values(distances: dict, measured: dict, group=None) -> tuple[dict[int, float], dict[int, float]]:

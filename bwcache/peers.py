@@ -6,6 +6,9 @@ count; TaylorSeer gets identifiers that match the model's actual attention and f
 miss Wan's `attn1`/`attn2`); SeaCache gets the step index, sigma and step count it needs from the pipeline's cache
 context, and is shown the noisy latents where conditioning channels follow them; PAB is refused where its single
 per-layer counter would mix the cond and uncond passes of a pipeline that runs CFG as two separate calls.
+
+cache-dit's DBCache, alone and with its TaylorSeer calibrator (`bwcache.cachedit`), is listed only where cache-dit is
+installed; asking for it elsewhere says how to install it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from diffusers import (
 from diffusers.models.attention import AttentionModuleMixin, FeedForward
 from diffusers.models.attention_processor import Attention
 
+from . import cachedit
 from .blocks import find_blocks
 
 METHODS = {
@@ -35,6 +39,10 @@ METHODS = {
     "seacache": "SeaCache",
     "pab": "Pyramid Attention Broadcast",
 }
+if cachedit.installed():
+    METHODS.update(cachedit.METHODS)
+# Peers known here whose package is missing: why each cannot be chosen.
+UNAVAILABLE = {} if cachedit.installed() else {key: cachedit.not_installed_message(key) for key in cachedit.METHODS}
 
 # Defaults per method; any of them can be overridden per call.
 DEFAULT_PARAMS = {
@@ -43,6 +51,7 @@ DEFAULT_PARAMS = {
     "taylorseer": {"cache_interval": 3, "disable_cache_before_step": 3, "max_order": 1},
     "seacache": {"threshold": 0.25, "max_consecutive_cached": 2},
     "pab": {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (100, 800)},
+    **cachedit.DEFAULT_PARAMS,
 }
 
 # Pipelines that run the cond and uncond passes as two separate transformer calls.
@@ -65,6 +74,8 @@ class PeerRun:
 
 
 def check_method(method: str) -> None:
+    if method in UNAVAILABLE:
+        raise ValueError(UNAVAILABLE[method])
     if method not in METHODS:
         raise ValueError(f"Unknown cache method {method!r}; choose one of {', '.join(METHODS)}.")
 
@@ -72,6 +83,8 @@ def check_method(method: str) -> None:
 def applicability(method: str, pipe, settings: dict) -> str | None:
     """Why `method` cannot be compared fairly on this pipeline and settings, or None when it can."""
     check_method(method)
+    if method in cachedit.METHODS:
+        return cachedit.applicability(pipe)
     sequential_cfg = any(cls.__name__ in SEQUENTIAL_CFG_PIPELINES for cls in type(pipe).__mro__)
     if method == "pab" and sequential_cfg and settings["guidance_scale"] > 1:
         return (
@@ -128,8 +141,10 @@ def _find_hook(module: torch.nn.Module, class_name: str, **attributes):
 
 
 def build_config(method: str, pipe, settings: dict, params: dict | None = None, mag_ratios=None):
-    """The diffusers cache config of `method` for this pipeline and settings."""
+    """The diffusers cache config of `method` for this pipeline and settings (cache-dit's for its methods)."""
     check_method(method)
+    if method in cachedit.METHODS:
+        return cachedit.build_config(method, pipe, settings, params)
     params = {**DEFAULT_PARAMS[method], **(params or {})}
     steps = settings["num_inference_steps"]
     if method == "fbc":
@@ -166,10 +181,13 @@ def _noisy_latents_callback(transformer):
     return noisy_latents
 
 
-def enable_peer(method: str, pipe, settings: dict, params: dict | None = None, mag_ratios=None) -> PeerRun:
+def enable_peer(method: str, pipe, settings: dict, params: dict | None = None, mag_ratios=None):
+    """Enable `method` on the pipeline; the returned run's `remove()` leaves the pipeline as it was."""
     reason = applicability(method, pipe, settings)
     if reason:
         raise ValueError(reason)
+    if method in cachedit.METHODS:
+        return cachedit.enable(method, pipe, settings, params)
     config = build_config(method, pipe, settings, params, mag_ratios)
     handles = []
     if method == "pab":

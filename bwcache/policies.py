@@ -44,6 +44,9 @@ class StepOutcome:
 class Policy:
     """The interface the hooks call; see the module docstring."""
 
+    # Whether decisions rest on measured distances (a policy that never measures keeps no reference features).
+    measures = True
+
     def __init__(self, config: BWCacheConfig, indicator_blocks: set[int], num_blocks: int):
         self.config = config
         self.indicator_blocks = indicator_blocks
@@ -59,7 +62,8 @@ class Policy:
         """What block i's decision adds to the distance just measured."""
         return 0.0
 
-    def decide(self, state, i: int, distance: float) -> bool:
+    def decide(self, state, i: int, distance: float | None) -> bool:
+        """Reuse block i? `distance` is None where the plan reuses without measuring."""
         return False
 
     def block_computed(self, state, i: int) -> None:
@@ -95,6 +99,9 @@ class PaperPolicy(Policy):
             return False
         step, schedule = state.step, state.schedule
         if schedule is None:
+            if self.config.extrapolation > 0:
+                # An extrapolation after a trigger at the next step needs this step's residual too.
+                return True
             if step < 1:
                 return False
             # A trigger at this very step would start the schedule from here.
@@ -122,8 +129,9 @@ class PaperPolicy(Policy):
         return state.schedule is None
 
     def keeps_residuals(self, state) -> bool:
-        """Without a trigger the next step is computed, so this step's residual would never be read."""
-        return state.schedule is not None
+        """Without a trigger the next step is computed, so this step's residual would never be read (but as the
+        older point of an extrapolation)."""
+        return state.schedule is not None or self.config.extrapolation > 0
 
 
 class BlockwisePolicy(Policy):
@@ -139,9 +147,12 @@ class BlockwisePolicy(Policy):
         config, step, T = self.config, state.step, state.num_steps
         state.computed_step = True
         state.reuse_window = T is not None and config.warmup_steps <= step < T - config.tail_steps
-        # A residual (and the input it is measured against) is worth keeping only if the next step may reuse it.
+        # A residual (and the input it is measured against) is worth keeping only if the next step may reuse it,
+        # or, when extrapolating, the one after it.
+        ahead = 2 if config.extrapolation > 0 else 1
         state.need_residuals = (
-            config.threshold > 0 and T is not None and config.warmup_steps <= step + 1 < T - config.tail_steps
+            config.threshold > 0 and T is not None and config.warmup_steps <= step + ahead
+            and step + 1 < T - config.tail_steps
         )
 
     def measure(self, state, i: int, has_residual: bool) -> BlockPlan:
@@ -175,7 +186,31 @@ class BlockwisePolicy(Policy):
         return StepOutcome(indicator, set(state.step_reused), state.first_reuse_step)
 
 
+class StaticPolicy(BlockwisePolicy):
+    """Block-wise mode's schedule with no indicator: the ablation that shows what the distances decide.
+
+    Block i (an indicator block) reuses its residual at step s when `warmup_steps ≤ s < T − tail_steps`, it has a
+    residual and it has reused fewer than R consecutive steps; nothing is measured. At δ = 0 nothing is reused.
+    """
+
+    measures = False
+
+    def measure(self, state, i: int, has_residual: bool) -> BlockPlan:
+        if i not in self.indicator_blocks or self.config.threshold == 0:
+            return BlockPlan(keep=False)
+        may_reuse = state.reuse_window and has_residual and state.consecutive[i] < state.reuse_interval
+        return BlockPlan(may_reuse=may_reuse, keep=state.need_residuals)
+
+    def decide(self, state, i: int, distance: float | None) -> bool:
+        state.consecutive[i] += 1
+        if state.first_reuse_step is None:
+            state.first_reuse_step = state.step
+        return True
+
+
+POLICIES = {"paper": PaperPolicy, "blockwise": BlockwisePolicy, "static": StaticPolicy}
+
+
 def make_policy(config: BWCacheConfig, num_blocks: int) -> Policy:
     indicator_blocks = set(config.resolve_indicator_blocks(num_blocks))
-    policy = PaperPolicy if config.mode == "paper" else BlockwisePolicy
-    return policy(config, indicator_blocks, num_blocks)
+    return POLICIES[config.mode](config, indicator_blocks, num_blocks)

@@ -16,6 +16,9 @@ Schema (every key required; ``hub_id``, ``pipeline_class`` and
                the cache library resolves it); optionally the block-wise guards
               warmup_steps, tail_steps, accumulate_distance and indicator_token_stride,
               and cache_dtype (storage dtype of the cached tensors)
+    profiles: named alternatives to the default cache settings, at least "fast":
+              {"fast": {"note": "...", "bwcache": {keys of bwcache to change}}}
+              (the default profile, "default", is the bwcache section itself)
     recommended_gpu_memory_gb, notes
 
 Loading checks the schema and that the preset's own defaults pass its limits.
@@ -51,7 +54,7 @@ FIRST_PRESET = "tiny-shapes"
 
 _TOP_KEYS = (
     "name", "label", "kind", "hub_id", "pipeline_class", "dtype",
-    "defaults", "limits", "bwcache", "recommended_gpu_memory_gb", "notes",
+    "defaults", "limits", "bwcache", "profiles", "recommended_gpu_memory_gb", "notes",
 )
 _NULLABLE_TOP = {"hub_id", "pipeline_class", "recommended_gpu_memory_gb"}
 _DEFAULT_KEYS = (
@@ -61,7 +64,10 @@ _DEFAULT_KEYS = (
 _LIMIT_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "prompt_max_chars")
 _BWCACHE_KEYS = ("threshold", "reuse_interval", "tail_fraction", "mode", "indicator_blocks")
 _BWCACHE_OPTIONAL_KEYS = ("warmup_steps", "tail_steps", "accumulate_distance", "indicator_token_stride", "cache_dtype",
-                          "indicator_feature", "tail_rule", "paper_tail_steps")
+                          "indicator_feature", "tail_rule", "paper_tail_steps", "extrapolation")
+DEFAULT_PROFILE = "default"
+# Profiles every preset names besides its default.
+REQUIRED_PROFILES = ("fast",)
 
 _RULE_RE = re.compile(r"^\s*(\d+)\s*k\s*(?:\+\s*(\d+))?\s*$")
 
@@ -128,6 +134,7 @@ class Preset:
     defaults: Mapping[str, Any] = field(hash=False)
     limits: Mapping[str, Any] = field(hash=False)
     bwcache: Mapping[str, Any] = field(hash=False)
+    profiles: Mapping[str, Any] = field(hash=False)
     recommended_gpu_memory_gb: float | None
     notes: str
     path: Path | None = field(default=None, compare=False)
@@ -146,6 +153,7 @@ class Preset:
             defaults=_freeze(data["defaults"]),
             limits=_freeze(data["limits"]),
             bwcache=_freeze(data["bwcache"]),
+            profiles=_freeze(data["profiles"]),
             recommended_gpu_memory_gb=data["recommended_gpu_memory_gb"],
             notes=data["notes"],
             path=path,
@@ -159,6 +167,26 @@ class Preset:
     def to_dict(self) -> dict:
         """The preset as plain JSON-able data (the schema, without ``path``)."""
         return {k: _thaw(getattr(self, k)) for k in _TOP_KEYS}
+
+    @property
+    def profile_names(self) -> tuple[str, ...]:
+        """The cache profiles this preset names, its default first."""
+        return (DEFAULT_PROFILE, *self.profiles)
+
+    def profile_note(self, profile: str | None) -> str:
+        profile = profile or DEFAULT_PROFILE
+        self.profile_settings(profile)
+        return "the preset's default cache settings" if profile == DEFAULT_PROFILE else self.profiles[profile]["note"]
+
+    def profile_settings(self, profile: str | None = None) -> dict:
+        """The BWCache settings of a profile: the bwcache section, with the profile's changes."""
+        profile = profile or DEFAULT_PROFILE
+        if profile not in self.profile_names:
+            raise ValueError(f"Profile {profile!r} is not one of {self.label}'s profiles: {', '.join(self.profile_names)}.")
+        values = {key: _thaw(value) for key, value in self.bwcache.items()}
+        if profile != DEFAULT_PROFILE:
+            values.update({key: _thaw(value) for key, value in self.profiles[profile]["bwcache"].items()})
+        return values
 
     def validate_request(
         self,
@@ -314,6 +342,28 @@ def _check_schema(data: Any, source: str) -> None:
         BWCacheConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in b.items()})
     except ValueError as exc:
         fail(f"bwcache: {exc}")
+
+    profiles = data["profiles"]
+    if not isinstance(profiles, Mapping):
+        fail("'profiles' must be an object")
+    missing = [name for name in REQUIRED_PROFILES if name not in profiles]
+    if missing:
+        fail(f"profiles must name {missing} (besides the default, which is the bwcache section)")
+    for name, profile in profiles.items():
+        if name == DEFAULT_PROFILE or not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+            fail(f"profile name {name!r} must be lower-case letters, digits or '-', and not {DEFAULT_PROFILE!r}")
+        if not isinstance(profile, Mapping) or set(profile) != {"note", "bwcache"}:
+            fail(f"profiles.{name} must be an object with exactly the keys 'note' and 'bwcache'")
+        if not isinstance(profile["note"], str) or not isinstance(profile["bwcache"], Mapping):
+            fail(f"profiles.{name}: 'note' must be a string and 'bwcache' an object")
+        unknown = sorted(set(profile["bwcache"]) - set(_BWCACHE_KEYS) - set(_BWCACHE_OPTIONAL_KEYS))
+        if unknown:
+            fail(f"profiles.{name}: unknown bwcache key(s) {unknown}")
+        merged = {**b, **profile["bwcache"]}
+        try:
+            BWCacheConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in merged.items()})
+        except ValueError as exc:
+            fail(f"profiles.{name}: {exc}")
 
 
 def _read(path: Path) -> Preset:

@@ -90,11 +90,15 @@ def save_comparison(comparison, out_dir: str | Path, fps: int | None = None, ove
     baseline, cached = upscale_pair(comparison.baseline_frames, comparison.bwcache_frames)
     write_mp4(baseline, paths["baseline"], fps, overwrite=overwrite)
     write_mp4(cached, paths["bwcache"], fps, overwrite=overwrite)
-    write_mp4(side_by_side(baseline, cached), paths["side_by_side"], fps, overwrite=overwrite)
+    write_mp4(side_by_side(baseline, cached, labels=SIDE_BY_SIDE_LABELS), paths["side_by_side"], fps,
+              overwrite=overwrite)
     paths["record"].write_text(json.dumps(record, indent=1))
     paths["trace_csv"].write_text(trace_to_csv(record["trace"]))
     return {name: str(path) for name, path in paths.items()}
 
+
+# The halves of side_by_side.mp4, left to right, named as the app names its videos.
+SIDE_BY_SIDE_LABELS = ("uncached", "BWCache")
 
 OUTPUT_FILES = {
     "baseline": "baseline.mp4",

@@ -27,7 +27,7 @@ from .metrics import compare_videos
 from .pipelines import call_kwargs, default_device, device_name, get_pipeline
 from .presets import Preset, load_preset
 from .resources import package_version
-from .schedule import predict_schedule
+from .schedule import largest_decision_distance, schedule_for
 from .trace import reuse_fraction
 
 Progress = Callable[[float, str], None]
@@ -78,11 +78,10 @@ def resolve_settings(preset: Preset, **overrides) -> dict:
     return settings
 
 
-def resolve_config(preset: Preset, num_steps: int, **overrides) -> BWCacheConfig:
-    """The preset's BWCache settings with overrides; `reuse_interval="auto"` means 10% of the steps."""
-    values = {key: value for key, value in preset.bwcache.items()}
-    if isinstance(values.get("indicator_blocks"), tuple):
-        values["indicator_blocks"] = list(values["indicator_blocks"])
+def resolve_config(preset: Preset, num_steps: int, profile: str | None = None, **overrides) -> BWCacheConfig:
+    """The BWCache settings of one of the preset's profiles (its default when None) with overrides;
+    `reuse_interval="auto"` means 10% of the steps."""
+    values = preset.profile_settings(profile)
     values.update({key: value for key, value in overrides.items() if value is not None})
     if values.get("reuse_interval") == AUTO:
         values["reuse_interval"] = None
@@ -256,11 +255,13 @@ def run_comparison(
     threshold: float | None = None,
     *,
     negative_prompt: str | None = None,
+    profile: str | None = None,
     reuse_interval: int | str | None = None,
     tail_fraction: float | None = None,
     mode: str | None = None,
     indicator_blocks=None,
     indicator_feature: str | None = None,
+    extrapolation: float | None = None,
     num_inference_steps: int | None = None,
     num_frames: int | None = None,
     height: int | None = None,
@@ -275,7 +276,8 @@ def run_comparison(
 ) -> Comparison:
     """Run `prompt` without and with BWCache on the preset's model and return the run record and both videos.
 
-    Arguments left as `None` take the preset's defaults. `compare_with` names a peer cache (`bwcache.peers.METHODS`)
+    Arguments left as `None` take the preset's defaults; the cache settings come from the preset's `profile`
+    (`preset.profile_names`; its default when None), with any cache argument given changing it. `compare_with` names a peer cache (`bwcache.peers.METHODS`)
     to run on the same prompt and seed as well. `pipe` may pass an already built pipeline of the preset's class
     (tests use tiny random components); otherwise the preset's pipeline is loaded (once) on `device`.
     `context_parallel` (one of `bwcache.parallel.KINDS`) shards the denoisers over all processes of an initialised
@@ -289,8 +291,8 @@ def run_comparison(
     )
     steps = settings["num_inference_steps"]
     config = resolve_config(
-        preset, steps, threshold=threshold, reuse_interval=reuse_interval, tail_fraction=tail_fraction, mode=mode,
-        indicator_blocks=indicator_blocks, indicator_feature=indicator_feature,
+        preset, steps, profile=profile, threshold=threshold, reuse_interval=reuse_interval, tail_fraction=tail_fraction, mode=mode,
+        indicator_blocks=indicator_blocks, indicator_feature=indicator_feature, extrapolation=extrapolation,
     )
     if compare_with is not None:
         peers.check_method(compare_with)
@@ -353,6 +355,7 @@ def run_comparison(
         "block_share": block_share,
         "ideal_speedup": ideal_speedup(reuse_fraction(trace), block_share),
         "trigger_steps": {name: branch["trigger_step"] for name, branch in trace["branches"].items()},
+        "profile": profile or "default",
         "config": config.to_dict(),
         "trace": trace,
         "baseline_trace": baseline_trace,
@@ -387,17 +390,20 @@ def check_prompt(pipe, preset: Preset, settings: dict) -> None:
 
 
 def tuning_curve(baseline_trace: dict, config: BWCacheConfig, thresholds=None, block_share: float | None = None):
-    """δ → trigger step, reuse fraction and predicted speedup, exactly, from an uncached trace (paper mode)."""
+    """δ → trigger (block-wise: first reuse) step, reuse fraction and predicted speedup, from an uncached trace, for
+    the config's own mode: exact in paper and static mode, estimated in block-wise mode (`schedule_for`)."""
     if thresholds is None:
-        values = sorted(
-            v for branch in baseline_trace["branches"].values() for v in branch["indicator"] if v is not None
-        )
-        top = max(values) * 1.05 if values else 0.5
+        if config.mode == "paper":
+            values = [v for branch in baseline_trace["branches"].values() for v in branch["indicator"] if v is not None]
+            top = max(values) if values else 0.0
+        else:
+            top = largest_decision_distance(baseline_trace, config)
+        top = top * 1.05 if top else 0.5
         thresholds = np.unique(np.concatenate([np.linspace(0.0, top, 41), [config.threshold]]))
     points = []
     for delta in thresholds:
-        candidate = BWCacheConfig(**{**config.to_dict(), "threshold": float(delta), "mode": "paper"})
-        predicted = predict_schedule(baseline_trace, candidate)
+        candidate = BWCacheConfig(**{**config.to_dict(), "threshold": float(delta)})
+        predicted = schedule_for(baseline_trace, candidate)
         triggers = [b["trigger_step"] for b in predicted["branches"].values() if b["trigger_step"] is not None]
         points.append(
             {
@@ -422,9 +428,11 @@ def run_sweep(
     cancel=None,
     **overrides,
 ) -> dict:
-    """The cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ."""
+    """The cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ (the other
+    cache settings from the preset's `profile`, changed by any given)."""
     preset = resolve_preset(preset)
-    cache_keys = ("reuse_interval", "tail_fraction", "mode", "indicator_blocks", "indicator_feature")
+    cache_keys = ("profile", "reuse_interval", "tail_fraction", "mode", "indicator_blocks", "indicator_feature",
+                  "extrapolation")
     cache_overrides = {key: overrides.pop(key) for key in cache_keys if key in overrides}
     settings = resolve_settings(preset, prompt=prompt, seed=seed, **overrides)
     steps = settings["num_inference_steps"]

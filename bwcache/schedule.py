@@ -1,4 +1,4 @@
-"""The paper-mode schedule, and its exact prediction from an uncached trace."""
+"""The paper-mode schedule and its exact prediction from an uncached trace, and the block-wise mode's estimate."""
 
 from __future__ import annotations
 
@@ -83,16 +83,7 @@ def predict_schedule(trace_dict: dict, config: BWCacheConfig) -> dict:
     branches = {}
     skipped = total = 0
     for name, branch in trace_dict["branches"].items():
-        if any(any(row) for row in branch["reused"]):
-            raise ValueError(
-                f"Branch {name!r} of this trace already reuses features; predict_schedule needs the trace of an "
-                "uncached run (threshold 0)."
-            )
-        num_steps = len(branch["indicator"])
-        if config.num_inference_steps is not None and config.num_inference_steps != num_steps:
-            raise ValueError(
-                f"config.num_inference_steps={config.num_inference_steps} but the trace has {num_steps} steps."
-            )
+        num_steps = _uncached_steps(name, branch, config, "predict_schedule needs")
         if wanted_blocks == recorded_blocks:
             indicator = branch["indicator"]
         else:
@@ -112,6 +103,140 @@ def predict_schedule(trace_dict: dict, config: BWCacheConfig) -> dict:
     return {"branches": branches, "reuse_fraction": skipped / total if total else 0.0}
 
 
+def estimate_blockwise_schedule(trace_dict: dict, config: BWCacheConfig) -> dict:
+    """An estimate of the block-wise schedule `config` would produce, from the trace of an uncached (threshold-0) run.
+
+    Applies `bwcache.policies.BlockwisePolicy`'s rule to the recorded step-to-step distances: block i (an indicator
+    block) reuses at step s when `warmup_steps ≤ s < T − tail_steps`, s ≥ 1, it has reused fewer than R consecutive
+    steps, and its distance since it was last computed, taken as the sum of the recorded step-to-step distances
+    since then, is below δ. That sum is what `accumulate_distance=True` decides on; without it, the run decides on
+    the distance to the input it last computed, which the sum approximates (and, by the triangle inequality, mostly
+    overstates). On Wan2.2's two experts each expert's steps are counted on their own, as the hooks count them.
+
+    An estimate, not a prediction: a reuse changes every later input, so the cached run's distances after its first
+    reuse differ from the recorded ones. Up to its first reuse the run is the uncached run, and the first decision
+    after a computed step is on a single step-to-step distance, so the first reuse step is exact (where both runs
+    measure the same tokens: a coarser `indicator_token_stride` moves distances slightly); so is the whole
+    schedule when δ is at or below every distance that could decide (nothing is reused), or above every distance
+    the run and the estimate decide on (R reused steps and one computed one, over and over). In between, a reused
+    block hands the next block an input closer to its cached one, so the blocks after it tend to reuse too, which
+    per-block distances cannot foresee: just above the smallest distances the estimate falls short.
+
+    Returns the shape of `predict_schedule`: per branch `trigger_step` (the first step with a reuse, as block-wise
+    traces record it), `computed` (every block ran), `reused` (the step × block matrix), `reused_steps` (steps
+    with any reuse) and `reuse_fraction` (the share of the branch's block evaluations reused), and the overall
+    `reuse_fraction`.
+    """
+    if config.mode != "blockwise":
+        raise ValueError(
+            f"estimate_blockwise_schedule supports mode='blockwise' only, got mode={config.mode!r}; paper mode is "
+            "predicted exactly by predict_schedule."
+        )
+    recorded = BWCacheConfig.from_dict(trace_dict["config"])
+    if recorded.indicator_feature != config.indicator_feature:
+        raise ValueError(
+            f"The trace measured indicator_feature={recorded.indicator_feature!r}, block-wise mode decides on "
+            f"{config.indicator_feature!r}: estimate from an uncached trace of the same feature."
+        )
+    return _windowed_schedule(trace_dict, config, decide_on_distances=True)
+
+
+def _windowed_schedule(trace_dict: dict, config: BWCacheConfig, decide_on_distances: bool) -> dict:
+    """The block-wise rule over every branch; without `decide_on_distances` every reuse the rule allows is taken
+    (static mode, which measures nothing)."""
+    num_blocks = trace_dict["num_blocks"]
+    blocks = config.resolve_indicator_blocks(num_blocks)
+    branches = {}
+    skipped = total = 0
+    for name, branch in trace_dict["branches"].items():
+        num_steps = _uncached_steps(name, branch, config, "the block-wise schedule is estimated from")
+        reused = [[False] * num_blocks for _ in range(num_steps)]
+        for start, end in _expert_windows(branch.get("experts"), num_steps):
+            _window(branch["distance"], reused, start, end, blocks, config, name, decide_on_distances)
+        reused_blocks = sum(sum(row) for row in reused)
+        first = next((step for step, row in enumerate(reused) if any(row)), None)
+        branches[name] = {
+            "trigger_step": first,
+            "computed": [not any(row) for row in reused],
+            "reused": reused,
+            "reused_steps": sum(any(row) for row in reused),
+            "reuse_fraction": reused_blocks / (num_steps * num_blocks) if num_steps and num_blocks else 0.0,
+        }
+        skipped += reused_blocks
+        total += num_steps * num_blocks
+    return {"branches": branches, "reuse_fraction": skipped / total if total else 0.0}
+
+
+def _expert_windows(experts, num_steps):
+    """The steps each transformer took, as (start, end) runs: one run, or one per expert on Wan2.2."""
+    if not experts or all(e is None for e in experts):
+        return [(0, num_steps)]
+    windows, start = [], 0
+    for step in range(1, num_steps + 1):
+        if step == num_steps or experts[step] != experts[start]:
+            windows.append((start, step))
+            start = step
+    return windows
+
+
+def _window(distance, reused, start, end, blocks, config, branch, decide_on_distances=True):
+    """`BlockwisePolicy`'s decisions over one transformer's steps `start..end-1` (its own steps 0..T-1)."""
+    if config.threshold == 0:
+        return
+    T = end - start
+    R = config.resolved_reuse_interval(T)
+    for i in blocks:
+        consecutive, since = 0, 0.0
+        for local in range(T):
+            step = start + local
+            # Step 0 (of this transformer) has no residual yet.
+            if local >= 1 and config.warmup_steps <= local < T - config.tail_steps and consecutive < R:
+                if not decide_on_distances:
+                    reused[step][i] = True
+                    consecutive += 1
+                    continue
+                value = distance[step][i]
+                if value is None:
+                    raise ValueError(
+                        f"The trace has no distance for block {i} at step {step} of branch {branch!r}; estimate from "
+                        "an uncached run that recorded every block's distance (threshold 0, all indicator blocks)."
+                    )
+                if since + value < config.threshold:
+                    reused[step][i] = True
+                    consecutive, since = consecutive + 1, since + value
+                    continue
+            consecutive, since = 0, 0.0
+
+
+# Modes whose schedule the uncached trace gives exactly; block-wise mode's is estimated.
+EXACT_MODES = ("paper", "static")
+
+
+def schedule_for(trace_dict: dict, config: BWCacheConfig) -> dict:
+    """The schedule `config` would produce, from an uncached trace, in the shape of `predict_schedule`: exact in
+    paper mode (`predict_schedule`) and in static mode (block-wise mode's schedule with every reuse its rule allows,
+    which no distance decides), estimated in block-wise mode (`estimate_blockwise_schedule`)."""
+    if config.mode == "paper":
+        return predict_schedule(trace_dict, config)
+    if config.mode == "blockwise":
+        return estimate_blockwise_schedule(trace_dict, config)
+    if config.mode == "static":
+        return _windowed_schedule(trace_dict, config, decide_on_distances=False)
+    raise ValueError(f"No schedule from a trace for mode={config.mode!r}; modes: paper, blockwise, static.")
+
+
+def _uncached_steps(name: str, branch: dict, config: BWCacheConfig, use: str) -> int:
+    """The step count of an uncached branch, checked: nothing reused, as many steps as the config says."""
+    if any(any(row) for row in branch["reused"]):
+        raise ValueError(
+            f"Branch {name!r} of this trace already reuses features; {use} the trace of an uncached run (threshold 0)."
+        )
+    num_steps = len(branch["distance"])
+    if config.num_inference_steps is not None and config.num_inference_steps != num_steps:
+        raise ValueError(f"config.num_inference_steps={config.num_inference_steps} but the trace has {num_steps} steps.")
+    return num_steps
+
+
 def _mean_over(row, blocks, branch, step):
     if step == 0:
         return None
@@ -123,3 +248,18 @@ def _mean_over(row, blocks, branch, step):
             "those blocks among indicator_blocks."
         )
     return sum(values) / len(values)
+
+
+def largest_decision_distance(trace: dict, config: BWCacheConfig) -> float:
+    """The largest sum of up to R consecutive step-to-step distances of an indicator block: above it, every block
+    reuses wherever the block-wise rule lets it (the estimate no longer changes with δ)."""
+    blocks = config.resolve_indicator_blocks(trace["num_blocks"])
+    largest = 0.0
+    for branch in trace["branches"].values():
+        rows = branch["distance"]
+        reuse = config.resolved_reuse_interval(len(rows))
+        for i in blocks:
+            column = [row[i] or 0.0 for row in rows]
+            for step in range(len(column)):
+                largest = max(largest, sum(column[max(0, step - reuse + 1): step + 1]))
+    return largest

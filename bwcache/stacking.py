@@ -1,4 +1,5 @@
-"""BWCache and diffusers' own caches refuse to share a transformer, in either order of applying."""
+"""BWCache and diffusers' own caches refuse to share a transformer, in either order of applying; BWCache refuses a
+transformer cache-dit caches."""
 
 from __future__ import annotations
 
@@ -33,7 +34,12 @@ def foreign_cache_hooks(module: torch.nn.Module) -> list[str]:
 
 
 def refuse_foreign(module: torch.nn.Module, model_name: str) -> None:
-    """Raise when `module` already has a diffusers cache."""
+    """Raise when `module` already has a diffusers cache, or cache-dit's."""
+    if getattr(unwrap_module(module), "_is_cached", False):
+        raise ValueError(
+            f"This {model_name} is cached by cache-dit; remove it (cache_dit.disable_cache(pipe)) before applying "
+            "BWCache: two caches cannot share one transformer."
+        )
     if getattr(module, "is_cache_enabled", False):
         raise ValueError(
             f"This {model_name} already has a diffusers cache enabled ({type(module._cache_config).__name__}); "

@@ -18,15 +18,18 @@ from typing import Any, Mapping
 
 from .config import INDICATOR_FEATURES, MODES, BWCacheConfig
 from .figures import heatmap_figure, sweep_figure, tuning_figure
-from .presets import FIRST_PRESET, PRESETS_DIR, Preset, load_preset
+from .presets import DEFAULT_PROFILE, FIRST_PRESET, PRESETS_DIR, Preset, load_preset
 from .report import save_comparison
 from .runner import AUTO, resolve_config, resolve_settings, tuning_curve
+from .schedule import EXACT_MODES
 from .video import write_mp4
 
 try:
     from .peers import METHODS as PEER_METHODS
+    from .peers import UNAVAILABLE as UNAVAILABLE_PEERS
 except ImportError:  # the peer comparison is optional
     PEER_METHODS: dict[str, str] = {}
+    UNAVAILABLE_PEERS: dict[str, str] = {}
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +95,11 @@ def _fmt_number(value: float) -> str:
 
 
 def preset_form(preset: Preset, values: Mapping[str, Any] | None = None) -> dict[str, dict]:
-    """The app's controls for a preset: per field the value (the preset's default unless `values` gives one),
-    plus the step and an `info` line stating the allowed range."""
-    d, lim, bw = preset.defaults, preset.limits, preset.bwcache
+    """The app's controls for a preset: per field the value (the preset's default, its cache settings those of the
+    profile `values` names, unless `values` gives one), plus the step and an `info` line stating the allowed range."""
     values = dict(values or {})
+    profile = values.get("profile") or DEFAULT_PROFILE
+    d, lim, bw = preset.defaults, preset.limits, preset.profile_settings(profile)
 
     def value(key, default):
         return values[key] if values.get(key) is not None else default
@@ -114,6 +118,8 @@ def preset_form(preset: Preset, values: Mapping[str, Any] | None = None) -> dict
         "tail_fraction": {"value": float(value("tail_fraction", bw["tail_fraction"]))},
         "mode": {"value": value("mode", bw["mode"])},
         "indicator_feature": {"value": value("indicator_feature", bw.get("indicator_feature", "hidden_states"))},
+        "profile": {"value": profile, "choices": list(preset.profile_names), "info": profile_info(preset, profile)},
+        "extrapolation": {"value": float(value("extrapolation", bw.get("extrapolation", 0.0)))},
         "num_inference_steps": {"value": int(value("num_inference_steps", d["num_inference_steps"])), "step": 1,
                                 "info": f"{s_lo} to {s_hi}"},
         "num_frames": {"value": int(value("num_frames", d["num_frames"])), "step": _frame_step(f_rule),
@@ -126,6 +132,12 @@ def preset_form(preset: Preset, values: Mapping[str, Any] | None = None) -> dict
                            "info": f"{_fmt_number(g_lo)} to {_fmt_number(g_hi)}"},
         "seed": {"value": int(value("seed", d["seed"]))},
     }
+
+
+def profile_info(preset: Preset, profile: str | None) -> str:
+    """One line about a cache profile, under its menu."""
+    note = preset.profile_note(profile)
+    return note[:1].upper() + note[1:]
 
 
 def preset_notes(preset: Preset) -> str:
@@ -204,6 +216,8 @@ def parse_thresholds(text: Any) -> list[float]:
 def parse_peer(value: Any) -> str | None:
     if value in (None, "", NO_PEER):
         return None
+    if value in UNAVAILABLE_PEERS:
+        raise ValueError(f"Compare against: {UNAVAILABLE_PEERS[value]}")
     if value not in PEER_METHODS:
         choices = ", ".join([NO_PEER, *PEER_METHODS])
         raise ValueError(f"Compare against: unknown method {value!r}; choose one of {choices}.")
@@ -239,10 +253,14 @@ def check_request(
     guidance_scale: Any = None,
     seed: Any = None,
     indicator_feature: Any = None,
+    profile: Any = None,
+    extrapolation: Any = None,
 ) -> dict:
     """Everything a comparison needs, checked before any model is loaded: keyword arguments for
     `run_comparison` / `run_sweep` with None meaning the preset's default. Raises ValueError naming the field and
     what is allowed."""
+    if profile is not None and profile not in preset.profile_names:
+        raise ValueError(f"Profile must be one of {', '.join(preset.profile_names)} for {preset.label}, got {profile!r}.")
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
     if indicator_feature is not None and indicator_feature not in INDICATOR_FEATURES:
@@ -261,6 +279,8 @@ def check_request(
         "tail_fraction": _number("Tail fraction", tail_fraction, 0.0, 1.0),
         "mode": mode,
         "indicator_feature": indicator_feature,
+        "profile": profile,
+        "extrapolation": _number("Extrapolation", extrapolation, 0.0, 1.0),
         "num_inference_steps": _whole("Steps", num_inference_steps),
         "num_frames": _whole("Frames", num_frames),
         "height": _whole("Height", height),
@@ -283,7 +303,7 @@ def check_request(
 def request_config(preset: Preset, request: Mapping[str, Any]) -> BWCacheConfig:
     """The cache configuration a checked request resolves to (preset defaults filled in)."""
     steps = resolved_settings(preset, request)["num_inference_steps"]
-    keys = ("threshold", "reuse_interval", "tail_fraction", "mode", "indicator_feature")
+    keys = ("profile", "threshold", "reuse_interval", "tail_fraction", "mode", "indicator_feature", "extrapolation")
     return resolve_config(preset, steps, **{key: request.get(key) for key in keys})
 
 
@@ -473,40 +493,79 @@ def heatmap(record: Mapping[str, Any] | None, view: str = "uncached", branch: st
                           title=f"BWCache run: measured relative L1 of each block's {feature} ({branch}); × = reused")
 
 
+# Modes the threshold curve covers, as the app names them; all but block-wise mode are predicted exactly.
+TUNING_MODES = {"paper": "paper", "blockwise": "block-wise", "static": "static"}
+
+
 def tuning_source(record: Mapping[str, Any] | None = None, *, baseline_trace=None, config=None,
-                  block_share=None) -> dict | None:
-    """What the threshold-tuning view needs from a run record or a sweep, small enough for per-tab state."""
+                  block_share=None, measured=()) -> dict | None:
+    """What the threshold-tuning view needs from a run record or a sweep, small enough for per-tab state: the
+    uncached trace, the config, the DiT blocks' share of the time and the reuse fractions real runs measured
+    (`measured`: dicts with `threshold` and `reuse_fraction`; a record's own run is taken from it)."""
     if record is not None:
         baseline_trace, config, block_share = record.get("baseline_trace"), record["config"], record.get("block_share")
+        measured = [{"threshold": record["config"]["threshold"], "reuse_fraction": record["reuse_fraction"]}]
     if not baseline_trace:
         return None
     config = config.to_dict() if isinstance(config, BWCacheConfig) else dict(config)
-    return {"baseline_trace": baseline_trace, "config": config, "block_share": block_share}
+    measured = [{"threshold": float(p["threshold"]), "reuse_fraction": float(p["reuse_fraction"])} for p in measured]
+    return {"baseline_trace": baseline_trace, "config": config, "block_share": block_share, "measured": measured}
 
 
 def tuning_view(source: Mapping[str, Any] | None, threshold: Any):
-    """The predicted δ curve with `threshold` marked, and one line of text about that δ; (None, hint) before a run."""
+    """The δ curve for the run's own mode (paper: predicted exactly; block-wise: estimated) with `threshold` marked,
+    and one line of text about that δ; (None, hint) before a run."""
     if not source:
         return None, "Run a comparison (or load an example) first: the curve is computed from its uncached run."
     config = BWCacheConfig.from_dict(source["config"])
-    try:
-        chosen = float(threshold)
-    except (TypeError, ValueError):
-        chosen = config.threshold
+    if config.mode not in TUNING_MODES:
+        return None, f"The threshold curve covers {', '.join(TUNING_MODES.values())} mode; this run used {config.mode}."
     trace, share = source["baseline_trace"], source.get("block_share")
+    estimated = config.mode not in EXACT_MODES
+    measured = source.get("measured") or []
+    lo, hi = THRESHOLD_RANGE
+    note = ""
+    if threshold is None or (isinstance(threshold, str) and not threshold.strip()):
+        chosen = config.threshold  # the box emptied while a new δ is typed: the run's own δ
+    else:
+        try:
+            chosen = float(threshold) if not isinstance(threshold, bool) else math.nan
+        except (TypeError, ValueError):
+            chosen = math.nan
+        if not math.isfinite(chosen):
+            figure = tuning_figure(tuning_curve(trace, config, block_share=share), mode=TUNING_MODES[config.mode],
+                                   estimated=estimated, measured=measured)
+            return figure, f"δ (threshold) must be a number from {lo:g} to {hi:g}, got {threshold!r}."
+        if not lo <= chosen <= hi:
+            # As the slider itself does once its box loses focus.
+            clamped = min(max(chosen, lo), hi)
+            note = f"δ = {chosen:g} is outside the allowed range {lo:g} to {hi:g}; the slider takes {clamped:g}. "
+            chosen = clamped
     exact = tuning_curve(trace, config, thresholds=[chosen], block_share=share)[0]
     points = [p for p in tuning_curve(trace, config, block_share=share) if p["threshold"] != chosen] + [exact]
-    figure = tuning_figure(sorted(points, key=lambda p: p["threshold"]), chosen_threshold=chosen)
+    mode = TUNING_MODES[config.mode]
+    figure = tuning_figure(sorted(points, key=lambda p: p["threshold"]), chosen_threshold=chosen, mode=mode,
+                           estimated=estimated, measured=measured)
     step = exact["trigger_step"]
-    trigger = "no trigger (nothing reused)" if step is None else f"trigger at step {step}"
+    if config.mode == "paper":
+        trigger = "no trigger (nothing reused)" if step is None else f"trigger at step {step}"
+    else:
+        trigger = "no block reused" if step is None else f"first reuse at step {step}"
+    kind = "estimated" if estimated else "predicted"
     speed = exact["predicted_speedup"]
-    text = (
-        f"At δ = {chosen:g}: {trigger}, {exact['reuse_fraction']:.1%} of block evaluations reused, "
-        f"predicted speedup {speed:.2f}×" if speed is not None else f"At δ = {chosen:g}: {trigger}"
-    )
-    if config.mode != "paper":
-        text += " (predicted for paper mode; this run used block-wise mode)"
-    return figure, text + "."
+    text = f"{note}At δ = {chosen:g}: {trigger}, {exact['reuse_fraction']:.1%} of block evaluations reused"
+    if speed is not None:
+        text += f", {kind} speedup {speed:.2f}×"
+    if estimated:
+        text += (f" (estimated for {mode} mode: after its first reuse a run's inputs differ from the uncached "
+                 "ones the estimate reads)")
+    else:
+        text += f" (predicted exactly for {mode} mode)"
+    text += "."
+    runs = [p for p in measured if math.isclose(p["threshold"], chosen, abs_tol=1e-9)]
+    if runs:
+        text += f" Measured at this δ: {runs[0]['reuse_fraction']:.1%} reused."
+    return figure, text
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -608,7 +667,9 @@ def example_label(record: Mapping[str, Any]) -> str:
     mode = "" if config["mode"] == "paper" else f" · {config['mode']}"
     interval = config.get("reuse_interval")
     reuse = f" · R {interval}" if interval is not None else ""
-    return f"{record['prompt']} · δ {config['threshold']:g}{reuse}{mode}"
+    profile = record.get("profile") or DEFAULT_PROFILE
+    named = "" if profile == DEFAULT_PROFILE else f" · {profile} profile"
+    return f"{record['prompt']} · δ {config['threshold']:g}{reuse}{mode}{named}"
 
 
 def example_summary(record: Mapping[str, Any], summary: str) -> str:

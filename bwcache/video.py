@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import imageio_ffmpeg
 import numpy as np
@@ -32,6 +32,7 @@ __all__ = [
     "probe_video",
     "read_video",
     "side_by_side",
+    "label_band",
 ]
 
 _COLOR_FILTER = (
@@ -234,22 +235,86 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
     return np.stack(frames)
 
 
-def side_by_side(a: Any, b: Any, gap: int = 8, gap_value: int = 255) -> np.ndarray:
-    """One uint8 clip with ``a`` on the left and ``b`` on the right, separated by a
-    ``gap``-pixel bar of ``gap_value``: a single video stays frame-synchronised,
-    which two separate players do not.
+def side_by_side(
+    a: Any,
+    b: Any,
+    *more: Any,
+    gap: int = 8,
+    gap_value: int = 255,
+    labels: Sequence[str] | None = None,
+) -> np.ndarray:
+    """One uint8 clip with the clips left to right, separated by ``gap``-pixel
+    bars of ``gap_value``: a single video stays frame-synchronised, which
+    separate players do not.
 
-    Both clips need the same frame count and height (ValueError otherwise).
+    ``labels`` (one per clip) adds a header band above each clip naming it
+    (see ``label_band``), so the halves of a downloaded file say which is which.
+
+    All clips need the same frame count and height (ValueError otherwise).
     """
-    ua, ub = to_uint8(a), to_uint8(b)
-    _check_video(ua, "a")
-    _check_video(ub, "b")
-    if ua.shape[0] != ub.shape[0] or ua.shape[1] != ub.shape[1]:
-        raise ValueError(
-            f"side_by_side needs equal frame counts and heights; got a {tuple(ua.shape)} and b {tuple(ub.shape)}"
-        )
+    clips = [to_uint8(clip) for clip in (a, b, *more)]
+    names = "ab" if not more else [f"clip {k}" for k in range(len(clips))]
+    for clip, name in zip(clips, names):
+        _check_video(clip, name)
+    first = clips[0]
+    for clip, name in zip(clips[1:], names[1:]):
+        if clip.shape[0] != first.shape[0] or clip.shape[1] != first.shape[1]:
+            raise ValueError(
+                f"side_by_side needs equal frame counts and heights; got {names[0]} {tuple(first.shape)} and "
+                f"{name} {tuple(clip.shape)}"
+            )
     if gap < 0:
         raise ValueError(f"gap must be >= 0, got {gap}")
-    t, h = ua.shape[:2]
+    if labels is not None:
+        labels = list(labels)
+        if len(labels) != len(clips) or not all(isinstance(label, str) for label in labels):
+            raise ValueError(f"labels must be one string per clip ({len(clips)}), got {labels!r}")
+        height = band_height(first.shape[1])
+        clips = [
+            np.concatenate([np.broadcast_to(label_band(label, clip.shape[2], height), (clip.shape[0], height,
+                                                                                       clip.shape[2], 3)), clip], axis=1)
+            for label, clip in zip(labels, clips)
+        ]
+    t, h = clips[0].shape[:2]
     bar = np.full((t, h, int(gap), 3), np.uint8(gap_value), dtype=np.uint8)
-    return np.concatenate([ua, bar, ub], axis=2)
+    parts = [clips[0]]
+    for clip in clips[1:]:
+        parts += [bar, clip]
+    return np.concatenate(parts, axis=2)
+
+
+# Header bands: light text on a dark band, sized from the clip (12% of its height, at least 20 pixels), so the
+# label stays legible at any display size the clip is shown at.
+BAND_COLOR = (32, 32, 32)
+LABEL_COLOR = (255, 255, 255)
+
+
+def band_height(clip_height: int) -> int:
+    """The header band's height for a clip ``clip_height`` pixels high (even, for yuv420p)."""
+    height = max(20, round(0.12 * clip_height))
+    return height + height % 2
+
+
+def label_band(text: str, width: int, height: int) -> np.ndarray:
+    """A (height, width, 3) uint8 band with ``text`` centred on it, as large as fits (up to 60% of the band's
+    height), drawn with Pillow's bundled font."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if width < 1 or height < 1:
+        raise ValueError(f"a label band needs a positive size, got {width}x{height}")
+    image = Image.new("RGB", (int(width), int(height)), BAND_COLOR)
+    draw = ImageDraw.Draw(image)
+    size = max(6, int(0.6 * height))
+    while True:
+        try:
+            font = ImageFont.load_default(size=size)
+        except (TypeError, ImportError, OSError):  # Pillow without FreeType: its one fixed-size bitmap font
+            font = ImageFont.load_default()
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        if right - left <= width - 4 or size <= 6 or not hasattr(font, "size"):
+            break
+        size -= 1
+    x = (width - (right - left)) / 2 - left
+    y = (height - (bottom - top)) / 2 - top
+    draw.text((x, y), text, fill=LABEL_COLOR, font=font)
+    return np.asarray(image, dtype=np.uint8)

@@ -26,14 +26,13 @@ from bwcache.runner import run_comparison  # noqa: E402
 OUT_DIR = ROOT / "assets" / "examples"
 PRESET = "tiny-shapes"
 
-# Name -> request: the preset's default (block-wise δ=0.3, R=2), the paper's method at its own defaults, and
-# block-wise mode with a longer reuse run (R=3: more reuse, less fidelity).
+# Name -> request: the preset's default profile, the paper's method at its own defaults (residuals reused
+# unchanged), and the preset's fast profile.
 EXAMPLES = {
     "red-square-right": {"prompt": "a red square moving right", "seed": 0},
     "blue-circle-up": {"prompt": "a blue circle moving up", "threshold": 0.15, "seed": 1, "mode": "paper",
-                       "reuse_interval": "auto"},
-    "yellow-square-left": {"prompt": "a yellow square moving left", "threshold": 0.3, "seed": 2, "mode": "blockwise",
-                           "reuse_interval": 3},
+                       "reuse_interval": "auto", "extrapolation": 0.0},
+    "yellow-square-left": {"prompt": "a yellow square moving left", "seed": 2, "profile": "fast"},
 }
 
 

@@ -75,14 +75,9 @@ def wait_for(driver, script: str, timeout: float, what: str, poll: float = 0.25)
 
 def fill(driver, elem_id: str, text) -> None:
     """Replace the text of the input inside a Gradio component and commit it (blur)."""
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    field = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input, #{elem_id} textarea")
-    field.send_keys(Keys.CONTROL, "a")
-    field.send_keys(Keys.DELETE)
-    field.send_keys(str(text))
-    field.send_keys(Keys.TAB)
+    _replace_text(driver, elem_id, text, Keys.TAB)
 
 
 def choose(driver, elem_id: str, label: str) -> None:
@@ -97,6 +92,38 @@ def choose(driver, elem_id: str, label: str) -> None:
     field.send_keys(Keys.ENTER)
     field.send_keys(Keys.ESCAPE)  # close the option list so it does not cover the controls below
     driver.find_element(By.TAG_NAME, "h1").click()
+
+
+def type_and_enter(driver, elem_id: str, text) -> None:
+    """Replace the text of the input inside a Gradio component and press Enter, keeping the focus there."""
+    from selenium.webdriver.common.keys import Keys
+
+    _replace_text(driver, elem_id, text, Keys.ENTER)
+
+
+def _replace_text(driver, elem_id: str, text, last_key) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    field = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input, #{elem_id} textarea")
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(Keys.DELETE)
+    field.send_keys(str(text))
+    field.send_keys(last_key)
+
+
+def click_text(driver, selector: str, text: str) -> None:
+    """Click the first element matching `selector` whose text contains `text`."""
+    from selenium.webdriver.common.by import By
+
+    matches = [e for e in driver.find_elements(By.CSS_SELECTOR, selector) if text in e.text]
+    if not matches:
+        raise LookupError(f"no {selector} with the text {text!r}")
+    matches[0].click()
+
+
+def select_tab(driver, label: str) -> None:
+    click_text(driver, "button[role=tab]", label)
 
 
 def click(driver, selector: str) -> None:
@@ -145,3 +172,21 @@ def fit_window_to_page(driver, width: int = 1440, max_height: int = 2400) -> int
     driver.execute_script("window.scrollTo(0, 0)")
     time.sleep(0.5)
     return height
+
+# [drawn width, container width, title] of the Plotly plot inside the component `#id` (set with `%s`).
+PLOT_WIDTHS = """
+const plot = document.querySelector('#%s .js-plotly-plot');
+const svg = plot && plot.querySelector('.main-svg');
+if (!svg || !plot._fullLayout) return false;
+return [svg.getBoundingClientRect().width, plot.getBoundingClientRect().width,
+        (plot.layout.title && plot.layout.title.text) || ''];
+"""
+
+# Of the heatmap: its title and how many of its cells hold a distance.
+HEATMAP_CELLS = """
+const plot = document.querySelector('#heatmap .js-plotly-plot');
+if (!plot || !plot._fullData || !plot._fullData.length) return false;
+const rows = Array.from(plot._fullData[0].z || [], row => Array.from(row));
+const cells = rows.flat().filter(v => v !== null && !Number.isNaN(v)).length;
+return {title: (plot.layout.title && plot.layout.title.text) || '', cells, total: rows.flat().length};
+"""

@@ -22,7 +22,7 @@ from families import FAMILIES
         ({"reuse_interval": 0}, "reuse_interval must be an integer ≥ 1"),
         ({"reuse_interval": 2.5}, "reuse_interval"),
         ({"tail_fraction": 1.5}, "tail_fraction must be between 0 and 1"),
-        ({"mode": "fast"}, "mode must be one of ('paper', 'blockwise')"),
+        ({"mode": "fast"}, "mode must be one of ('paper', 'blockwise', 'static')"),
         ({"num_inference_steps": 0}, "num_inference_steps must be an integer ≥ 1"),
         ({"indicator_blocks": "half"}, "indicator_blocks must be None, one of ('all', 'every_other')"),
         ({"indicator_blocks": []}, "indicator_blocks must be a non-empty sequence"),

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
@@ -14,7 +15,9 @@ import torch
 
 import app
 from bwcache import ui
-from bwcache.video import probe_video
+from bwcache import BWCacheConfig, estimate_blockwise_schedule
+from bwcache.report import SIDE_BY_SIDE_LABELS
+from bwcache.video import band_height, label_band, probe_video, read_video
 from tiny_wan import build_prompt_wan_pipeline
 
 WAN = "wan2.1-t2v-1.3b"
@@ -242,6 +245,68 @@ def test_tuning_updates_when_threshold_moves(wan_run):
     assert app.retune(None, 0.1)[0] is None and "Run a comparison" in app.retune(None, 0.1)[1]
 
 
+def test_the_side_by_side_file_names_its_halves(wan_run):
+    baseline = read_video(wan_run[0])
+    sbs = read_video(next(f for f in wan_run[7] if f.endswith("side_by_side.mp4"))).astype(np.float32)
+    _, height, width, _ = baseline.shape
+    band = band_height(height)
+    assert sbs.shape[1:] == (height + band, 2 * width + 8, 3)
+    halves = [sbs[:, :band, :width], sbs[:, :band, width + 8:]]
+    for half, label in zip(halves, SIDE_BY_SIDE_LABELS):
+        other = next(text for text in SIDE_BY_SIDE_LABELS if text != label)
+        assert (np.abs(half - label_band(label, width, band)).mean() < 6
+                < np.abs(half - label_band(other, width, band)).mean())
+    assert SIDE_BY_SIDE_LABELS == ("uncached", "BWCache")
+
+
+def example_record(mode):
+    records = [e["record"] for e in app.EXAMPLES if e["record"]["config"]["mode"] == mode]
+    if not records:
+        pytest.skip(f"no precomputed {mode} example")
+    return records[0]
+
+
+def test_tuning_of_a_blockwise_run_is_estimated_for_its_own_mode():
+    record = example_record("blockwise")
+    tuning = ui.tuning_source(record)
+    delta = record["config"]["threshold"]
+    plot, text = app.retune(tuning, delta)
+    config = BWCacheConfig.from_dict({**record["config"], "threshold": delta})
+    estimate = estimate_blockwise_schedule(record["baseline_trace"], config)
+    assert text.startswith(f"At δ = {delta:g}: first reuse at step") and "estimated for block-wise mode" in text
+    assert f"{estimate['reuse_fraction']:.1%} of block evaluations reused" in text
+    assert f"Measured at this δ: {record['reuse_fraction']:.1%} reused." in text
+    assert "estimated" in plot.layout.title.text and "paper" not in plot.layout.title.text
+    curve, _, runs = plot.data
+    assert curve.name == "estimated reuse fraction"
+    assert curve.y[list(curve.x).index(delta)] == pytest.approx(estimate["reuse_fraction"])
+    assert list(runs.x) == [delta] and list(runs.y) == [record["reuse_fraction"]]
+    # The curve runs up to where every block reuses wherever the rule lets it: flat from there on.
+    assert curve.y[-1] == curve.y[-2] > curve.y[0] == 0
+
+
+def test_tuning_of_a_paper_run_is_predicted_exactly():
+    record = example_record("paper")
+    plot, text = app.retune(ui.tuning_source(record), record["config"]["threshold"])
+    assert "trigger at step" in text and "predicted exactly for paper mode" in text
+    assert "predicted exactly" in plot.layout.title.text and plot.data[0].name == "predicted reuse fraction"
+
+
+def test_tuning_answers_whatever_the_box_holds():
+    record = example_record("blockwise")
+    tuning = ui.tuning_source(record)
+    delta = record["config"]["threshold"]
+    # Emptied while a new δ is typed: the run's own δ.
+    assert app.retune(tuning, None)[1].startswith(f"At δ = {delta:g}:")
+    plot, text = app.retune(tuning, 1.5)
+    assert text.startswith("δ = 1.5 is outside the allowed range 0 to 1; the slider takes 1. At δ = 1:")
+    assert [s.x0 for s in plot.layout.shapes if s.name == "chosen"] == [1.0]
+    assert app.retune(tuning, -0.2)[1].startswith("δ = -0.2 is outside the allowed range 0 to 1; the slider takes 0.")
+    plot, text = app.retune(tuning, "abc")
+    assert text == "δ (threshold) must be a number from 0 to 1, got 'abc'."
+    assert plot.data and not [s for s in plot.layout.shapes if s.name == "chosen"]
+
+
 def test_sweep_returns_figure_table_and_csv(wan_app):
     figure, table, csv_path, tuning = app.sweep("a cat", WAN, "0.3, 0.1", 2, **WAN_SMALL)
     assert isinstance(figure, go.Figure) and figure.data[0].mode == "markers+text"
@@ -249,6 +314,11 @@ def test_sweep_returns_figure_table_and_csv(wan_app):
     lines = Path(csv_path).read_text().splitlines()
     assert lines[0].startswith("threshold,seconds,speedup") and len(lines) == 3
     assert tuning["baseline_trace"]["branches"]
+    # The tuning view marks the reuse each δ of the sweep measured.
+    assert [(p["threshold"], p["reuse_fraction"]) for p in tuning["measured"]] == \
+        [(row[0], pytest.approx(row[6] / 100, abs=1e-3)) for row in table.itertuples(index=False)]
+    plot, _ = app.retune(tuning, 0.1)
+    assert plot.data[-1].name == "measured reuse fraction" and list(plot.data[-1].x) == [0.1, 0.3]
 
 
 @pytest.mark.skipif(not app.PEERS_SUPPORTED, reason="this bwcache has no peer comparison")
@@ -402,7 +472,8 @@ def test_an_example_with_r_auto_reproduces_its_recorded_result(tmp_path, monkeyp
     monkeypatch.setattr(app, "OUTPUT_ROOT", tmp_path)
     settings = {key: form[key]["value"] for key in ("negative_prompt", "reuse_interval", "tail_fraction", "mode",
                                                    "num_inference_steps", "num_frames", "height", "width",
-                                                   "guidance_scale", "indicator_feature")}
+                                                   "guidance_scale", "indicator_feature", "profile",
+                                                   "extrapolation")}
     rerun = app.compare(form["prompt"]["value"], record["preset"], form["threshold"]["value"], record["seed"],
                         **settings)[4]
     assert rerun["config"]["reuse_interval"] is None
@@ -414,3 +485,45 @@ def test_an_example_with_r_auto_reproduces_its_recorded_result(tmp_path, monkeyp
 def test_the_tiny_presets_note_says_where_it_runs_once():
     note = ui.preset_notes(app.PRESETS["tiny-shapes"])
     assert note.count("CPU") == 1
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+@pytest.mark.parametrize("name", [WAN, "tiny-shapes"])
+def test_choosing_a_profile_fills_the_cache_controls_with_its_settings(name):
+    if name not in app.PRESETS:
+        pytest.skip(f"preset {name} not available")
+    preset = app.PRESETS[name]
+    values = dict(zip(app.PROFILE_KEYS, app.fill_profile(name, "fast")))
+    fast = preset.profile_settings("fast")
+    assert values["profile"]["value"] == "fast" and values["profile"]["choices"] == ["default", "fast"]
+    assert values["threshold"]["value"] == fast["threshold"]
+    assert values["extrapolation"]["value"] == fast.get("extrapolation", 0.0)
+    assert values["profile"]["info"] == ui.profile_info(preset, "fast") and len(values["profile"]["info"]) > 20
+    back = dict(zip(app.PROFILE_KEYS, app.fill_profile(name, "default")))
+    assert back["threshold"]["value"] == preset.bwcache["threshold"]
+
+
+def test_an_api_call_naming_a_profile_runs_it_and_other_cache_settings_change_it(wan_app):
+    spec = app.PRESETS[WAN]
+    request = ui.check_request(spec, profile="fast", num_inference_steps=4, num_frames=5, height=256, width=256)
+    assert ui.request_config(spec, request).threshold == spec.profile_settings("fast")["threshold"]
+    request = ui.check_request(spec, profile="fast", threshold=0.05, extrapolation=0.5, num_inference_steps=4,
+                               num_frames=5, height=256, width=256)
+    config = ui.request_config(spec, request)
+    assert (config.threshold, config.extrapolation) == (0.05, 0.5)
+    out = app.compare("a cat", WAN, None, 0, **{**WAN_SMALL, "reuse_interval": None, "mode": None,
+                                                  "tail_fraction": None}, profile="fast")
+    assert out[4]["profile"] == "fast" and out[4]["config"]["threshold"] == spec.profile_settings("fast")["threshold"]
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"profile": "turbo"}, "Profile must be one of default, fast"),
+    ({"extrapolation": 1.5}, "Extrapolation = 1.5 is outside the allowed range 0 to 1"),
+    ({"extrapolation": "half"}, "Extrapolation must be a number from 0 to 1, got 'half'"),
+])
+def test_a_bad_profile_or_extrapolation_is_named(wan_app, changes, expected):
+    with pytest.raises(gr.Error) as excinfo:
+        app.compare("a cat", WAN, 0.15, 0, **WAN_SMALL, **changes)
+    assert expected in error_text(excinfo)

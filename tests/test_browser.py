@@ -7,6 +7,7 @@ under CI (`CI` set), where that is a failure. `BWCACHE_SCREENSHOT=1` saves the s
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -16,6 +17,7 @@ import pytest
 
 import app
 import browser
+from bwcache import ui
 
 pytestmark = pytest.mark.browser
 
@@ -95,6 +97,19 @@ def test_run_plays_both_videos_and_draws_the_heatmap(page, tmp_path):
     target.parent.mkdir(parents=True, exist_ok=True)
     assert page.save_screenshot(str(target)) and target.stat().st_size > 10_000
 
+    # What the cached run measured: in block-wise mode (the default preset's), the distances its decisions took.
+    browser.click_text(page, "#heatmap-view label", ui.HEATMAP_VIEWS["bwcache"])
+    browser.wait_for(page, f"const r = (() => {{{browser.HEATMAP_CELLS}}})(); return r && r.title.includes('BWCache run')",
+                     20, "the cached run's own heatmap")
+    measured = page.execute_script(browser.HEATMAP_CELLS)
+    assert measured["cells"] > 0, measured
+    browser.click_text(page, "#heatmap-view label", ui.HEATMAP_VIEWS["uncached"])
+    browser.wait_for(page, f"const r = (() => {{{browser.HEATMAP_CELLS}}})(); return r && r.title.includes('Uncached')",
+                     20, "the uncached distance map")
+    full = page.execute_script(browser.HEATMAP_CELLS)
+    # The uncached map has every distance; the cached run measured only where it could decide.
+    assert measured["cells"] < full["cells"]
+
 
 def test_example_loads_without_running_a_model(page):
     if not app.EXAMPLES:
@@ -108,3 +123,75 @@ def test_example_loads_without_running_a_model(page):
     assert "Precomputed example" in page.execute_script("return document.querySelector('#summary').innerText")
     prompt = page.execute_script("return document.querySelector('#prompt textarea').value")
     assert prompt == app.EXAMPLES[0]["record"]["prompt"]
+
+
+def example_button(page, record):
+    browser.wait_for(page, "const t = document.querySelector('#prompt textarea'); return t && t.value", 30,
+                     "the page to load")
+    browser.click_text(page, "#examples button", ui.example_label(record))
+
+
+def test_example_with_r_auto_reproduces_its_record_when_run(page):
+    auto = [e for e in app.EXAMPLES if e["record"]["config"]["reuse_interval"] is None]
+    if not auto:
+        pytest.skip("no precomputed example with R auto")
+    record = auto[0]["record"]
+    example_button(page, record)
+    browser.wait_for(page, f"return document.querySelector('#prompt textarea').value == {record['prompt']!r}"
+                           " && document.querySelector('#summary').innerText.includes('Precomputed')", 30,
+                     "the example to load")
+    before = set(Path(app.OUTPUT_ROOT).iterdir())
+    browser.click(page, "#run-button")
+    summary = browser.wait_for(
+        page, "const t = document.querySelector('#summary').innerText;"
+              " return t.includes('speedup') && !t.includes('Precomputed') && t", 240, "the run to finish")
+    (folder,) = set(Path(app.OUTPUT_ROOT).iterdir()) - before
+    rerun = json.loads((folder / "run.json").read_text())
+    # R auto as recorded (the preset's own R is a number), so the same decisions and, on the same model and seed,
+    # the same video.
+    assert rerun["config"]["reuse_interval"] is None and "R=auto" in summary
+    assert rerun["settings"] == record["settings"] and rerun["seed"] == record["seed"]
+    for name, branch in record["trace"]["branches"].items():
+        assert rerun["trace"]["branches"][name]["reused"] == branch["reused"]
+    assert rerun["reuse_fraction"] == record["reuse_fraction"]
+    assert rerun["psnr"] == pytest.approx(record["psnr"], abs=0.01)
+    assert f"PSNR {record['psnr']:.2f} dB" in summary and f"{record['reuse_fraction']:.1%}" in summary
+
+
+def test_tuning_plot_fits_its_tab_and_follows_a_typed_threshold(page):
+    blockwise = [e for e in app.EXAMPLES if e["record"]["config"]["mode"] == "blockwise"]
+    if not blockwise:
+        pytest.skip("no precomputed block-wise example")
+    record = blockwise[0]["record"]
+    browser.wait_for(page, "const t = document.querySelector('#prompt textarea'); return t && t.value", 30,
+                     "the page to load")
+    # Shown once, then hidden while the example's results fill it.
+    browser.select_tab(page, "Threshold tuning")
+    browser.wait_for(page, "return document.querySelector('#tuning-plot')", 20, "the tuning tab")
+    browser.select_tab(page, "Comparison")
+    example_button(page, record)
+    delta = record["config"]["threshold"]
+    browser.wait_for(page, "const t = document.querySelector('#tuning-text').textContent.trim();"
+                           f" return t.startsWith('At δ = {delta:g}:') && t.includes('estimated')", 30,
+                     "the tuning view to follow the example while its tab is hidden")
+    assert page.execute_script("return document.querySelector('#tuning-plot').getBoundingClientRect().width") == 0
+    browser.select_tab(page, "Threshold tuning")
+    fitted = browser.wait_for(
+        page, f"const w = (() => {{{browser.PLOT_WIDTHS % 'tuning-plot'}}})();"
+              " return w && w[2].includes('estimated') && Math.abs(w[0] - w[1]) <= 0.02 * w[1] && w", 10,
+        "the tuning plot to fill its container")
+    assert fitted[1] > 400
+    text = page.execute_script("return document.querySelector('#tuning-text').innerText")
+    assert text.startswith(f"At δ = {delta:g}:") and "estimated" in text
+    assert f"Measured at this δ: {record['reuse_fraction']:.1%}" in text
+
+    # Typing δ and pressing Enter updates the view with the focus still in the box.
+    browser.type_and_enter(page, "threshold", 0.1)
+    browser.wait_for(page, "return document.querySelector('#tuning-text').innerText.startsWith('At δ = 0.1:')", 20,
+                     "the tuning text to follow the typed δ")
+    assert page.execute_script("return document.activeElement.closest('#threshold') !== null")
+    chosen = page.execute_script(
+        "const p = document.querySelector('#tuning-plot .js-plotly-plot');"
+        " return p.layout.shapes.filter(s => s.name == 'chosen').map(s => s.x0)")
+    assert chosen == [0.1]
+    assert not page.execute_script(browser.ERROR_TOAST)

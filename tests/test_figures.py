@@ -188,6 +188,26 @@ def test_tuning_figure_axes_and_chosen_marker():
     assert any(s.x0 == 0.1 and s.x1 == 0.1 for s in fig.layout.shapes)
 
 
+def test_tuning_figure_says_predicted_or_estimated_and_marks_measured_runs():
+    pts = [
+        {"threshold": 0.05, "trigger_step": 12, "reuse_fraction": 0.1, "predicted_speedup": 1.1},
+        {"threshold": 0.1, "trigger_step": 8, "reuse_fraction": 0.3, "predicted_speedup": 1.4},
+    ]
+    exact = tuning_figure(pts, 0.1)
+    assert exact.layout.title.text == "Threshold tuning (predicted exactly for paper mode)"
+    assert [d.name for d in exact.data] == ["predicted reuse fraction", "predicted speedup"]
+    assert "trigger step" in exact.data[0].hovertemplate
+    estimate = tuning_figure(pts, 0.1, mode="block-wise", estimated=True,
+                             measured=[{"threshold": 0.1, "reuse_fraction": 0.35}])
+    assert estimate.layout.title.text == "Threshold tuning (estimated for block-wise mode)"
+    reuse, speed, runs = estimate.data
+    assert (reuse.name, speed.name, runs.name) == ("estimated reuse fraction", "estimated speedup",
+                                                   "measured reuse fraction")
+    assert "first reuse step" in reuse.hovertemplate and estimate.layout.yaxis2.title.text == "estimated speedup (×)"
+    # On the reuse axis, next to the estimate it checks.
+    assert list(runs.x) == [0.1] and list(runs.y) == [0.35] and runs.yaxis == reuse.yaxis == "y"
+
+
 def test_pareto_front():
     pts = [(1.0, 40.0), (1.5, 35.0), (1.4, 30.0), (2.0, 20.0), (2.0, 25.0)]
     assert pareto_front(pts) == [0, 1, 4]

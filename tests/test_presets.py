@@ -188,7 +188,7 @@ def test_bwcache_section_takes_the_block_wise_guards_and_names_bad_ones(tmp_path
     data["bwcache"].pop("warmup")
     data["bwcache"]["mode"] = "fast"
     p.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"mode must be one of \('paper', 'blockwise'\)"):
+    with pytest.raises(ValueError, match=r"mode must be one of \('paper', 'blockwise', 'static'\)"):
         load_preset(p)
 
 

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from bwcache.video import pad_to_multiple, probe_video, read_video, side_by_side, to_uint8, upscale, write_mp4
+from bwcache.report import SIDE_BY_SIDE_LABELS, upscale_pair
+from bwcache.video import (band_height, label_band, pad_to_multiple, probe_video, read_video, side_by_side, to_uint8,
+                           upscale, write_mp4)
 
 
 def smooth_clip(t=6, h=48, w=64):
@@ -112,6 +114,38 @@ def test_side_by_side():
     assert (s[:, :, :5] == 0).all() and (s[:, :, 5:7] == 128).all() and (s[:, :, 7:] == 255).all()
     with pytest.raises(ValueError, match="heights"):
         side_by_side(a, np.zeros((3, 5, 5, 3), np.float32))
+
+
+def test_side_by_side_names_each_half_legibly_in_the_encoded_file(tmp_path):
+    # A Tiny Shapes-sized pair (32x32), enlarged for display as the runner saves it.
+    baseline, cached = upscale_pair(smooth_clip(t=4, h=32, w=32), 1.0 - smooth_clip(t=4, h=32, w=32))
+    path = write_mp4(side_by_side(baseline, cached, labels=SIDE_BY_SIDE_LABELS), tmp_path / "sbs.mp4", fps=8)
+    decoded = read_video(path).astype(np.float32)
+    band = band_height(256)
+    assert band >= 20 and decoded.shape == (4, 256 + band, 2 * 256 + 8, 3)
+    left, right = decoded[:, :band, :256], decoded[:, :band, 264:]
+    expected = {text: label_band(text, 256, band).astype(np.float32) for text in ("uncached", "BWCache")}
+    # Each band shows its own label (light text on a dark band), and the two differ.
+    assert np.abs(left - expected["uncached"]).mean() < 6 < np.abs(left - expected["BWCache"]).mean()
+    assert np.abs(right - expected["BWCache"]).mean() < 6 < np.abs(right - expected["uncached"]).mean()
+    for half in (left, right):
+        light = (half[0].mean(axis=-1) > 160).sum()
+        assert (half[0].mean(axis=-1) < 60).mean() > 0.7 and light > 150  # strokes of a ~19-pixel-high word
+    # Below the bands, the clips themselves.
+    assert np.abs(decoded[:, band:, :256] - baseline).mean() < 4
+    assert np.abs(decoded[:, band:, 264:] - cached).mean() < 4
+
+
+def test_labels_fit_and_bad_labels_are_refused():
+    # A long label shrinks to fit a narrow clip rather than being cut off at its edges.
+    band = label_band("FirstBlockCache", 64, 20)
+    light = band.mean(axis=-1) > 128
+    assert light.any() and not light[:, 0].any() and not light[:, -1].any()
+    a = np.zeros((2, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="one string per clip"):
+        side_by_side(a, a, labels=["only one"])
+    with pytest.raises(ValueError, match="one string per clip"):
+        side_by_side(a, a, labels=["uncached", 3])
 
 
 def test_probe_missing_file(tmp_path):

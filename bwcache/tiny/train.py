@@ -24,12 +24,10 @@ import torch
 
 from .data import make_batch
 from .pipeline import (
-    ASSETS_DIR,
     CONFIG_NAME,
     DEFAULTS,
     LIMITS,
     SCHEDULER_CONFIG,
-    TEXT_ENCODER_CONFIG,
     TEXT_ENCODER_WEIGHTS,
     TRANSFORMER_CONFIG,
     TRANSFORMER_WEIGHTS,
