@@ -80,6 +80,7 @@ class Method:
     params: dict = field(default_factory=dict)
     family: str | None = None  # the plot's group; derived from kind and mode when None
     profile: str | None = None  # a BWCache row: the preset profile its params override
+    parent: str | None = None  # a row this one varies: left out where it would run the parent's very config
 
     def enable(self, pipe, preset, settings, calibration):
         if self.kind == "bwcache":
@@ -106,7 +107,7 @@ def default_methods() -> list[Method]:
     # indicator, and the uncached pipeline with fewer steps in about the same compute (the paper's Table 3 baseline).
     for profile in ("default", "fast"):
         methods.append(Method(f"bw-{profile}-unchanged", f"BWCache {profile} profile, residuals unchanged", "bwcache",
-                              {"extrapolation": 0.0}, family="Ablations", profile=profile))
+                              {"extrapolation": 0.0}, family="Ablations", profile=profile, parent=f"bw-{profile}"))
     methods.append(Method("static-default", "Static schedule (default's warm-up, R, tail)", "bwcache",
                           {"mode": "static"}, family="Ablations"))
     methods.append(Method("static-fast", "Static schedule (fast profile's warm-up, R, tail)", "bwcache",
@@ -380,10 +381,9 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
         active = []
         steps: dict[str, int] = {}
         for k, m in enumerate(methods_in_order):
-            if m.kind in peers.UNAVAILABLE:
-                skipped_reasons[m.key] = peers.UNAVAILABLE[m.kind]
-                continue
-            reason = peers.applicability(m.kind, pipe, settings) if m.kind not in ("bwcache", "steps") else None
+            reason = _not_applicable(m, methods, pipe, preset, settings)
+            if m.kind == "steps" and m.params["match"] in skipped_reasons:
+                reason = f"It runs as many steps as {m.params['match']}'s compute allows, and that row did not run."
             if reason:
                 skipped_reasons[m.key] = reason
                 continue
@@ -393,14 +393,22 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
                 steps[m.key] = max(1, round(settings["num_inference_steps"] * (1.0 - matched)))
                 steps_used[m.key].append(steps[m.key])
             run_settings = m.settings_for(settings, steps)
-            remove, _ = m.enable(pipe, preset, run_settings, calibration)
             try:
-                frames_holder = {}
-                flops = _probe_flops(
-                    pipe, lambda: frames_holder.setdefault("f", generate(pipe, preset, run_settings, device)[0])
-                )
-            finally:
-                remove()
+                remove, _ = m.enable(pipe, preset, run_settings, calibration)
+                try:
+                    frames_holder = {}
+                    flops = _probe_flops(
+                        pipe, lambda: frames_holder.setdefault("f", generate(pipe, preset, run_settings, device)[0])
+                    )
+                finally:
+                    remove()
+            except Exception as error:
+                if m.kind in ("bwcache", "steps"):
+                    raise
+                # A peer that fails here fails for every prompt: its row says why, the others go on.
+                skipped_reasons[m.key] = f"failed on this pipeline: {type(error).__name__}: {error}"
+                tracker.advance(1, f"{where} [method {k + 1}/{len(methods)}] {m.label}: failed ({error})")
+                continue
             quality = compare_videos(baseline, frames_holder["f"], device=device)
             per_method[m.key]["psnr"].append(quality["psnr"])
             per_method[m.key]["ssim"].append(quality["ssim"])
@@ -481,6 +489,25 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
         },
         "seconds_total": time.perf_counter() - started,
     }
+
+
+def _not_applicable(method: Method, methods: list[Method], pipe, preset, settings) -> str | None:
+    """Why a row is left out on this pipeline and preset (None when it runs)."""
+    if method.kind in peers.UNAVAILABLE:
+        return peers.UNAVAILABLE[method.kind]
+    if method.kind == "steps":
+        return None
+    if method.kind != "bwcache":
+        return peers.applicability(method.kind, pipe, settings)
+    if method.profile is not None and method.profile not in preset.profile_names:
+        return f"{preset.label} names no {method.profile} profile."
+    parent = next((m for m in methods if m.key == method.parent), None)
+    if parent is not None:
+        steps = settings["num_inference_steps"]
+        mine = resolve_config(preset, steps, profile=method.profile, **method.params)
+        if mine == resolve_config(preset, steps, profile=parent.profile, **parent.params):
+            return f"The same config as {parent.label} on this preset."
+    return None
 
 
 def _family(method: Method) -> str:

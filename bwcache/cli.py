@@ -47,6 +47,8 @@ def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reuse-interval", type=_reuse_interval, help="R: 'auto' (10%% of steps) or an integer")
     parser.add_argument("--tail-fraction", type=float, help="paper mode tail fraction (0 to 1)")
     parser.add_argument("--mode", choices=list(MODES))
+    parser.add_argument("--extrapolation", type=float,
+                        help="0 to 1: how far a reused residual moves along the line through its last two computed ones")
     parser.add_argument("--indicator-feature", choices=["hidden_states", "modulated"],
                         help="what distances are measured on: the blocks' hidden-states input (default) or their "
                         "modulated attention input, as the official code does (paper mode)")
@@ -126,14 +128,12 @@ def _preflight(args) -> None:
     from .runner import resolve_preset
     from .ui import check_request
 
-    preset = resolve_preset(args.preset)
-    preset.profile_settings(args.profile)
     check_request(
-        preset, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+        resolve_preset(args.preset), prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         threshold=args.threshold, reuse_interval=args.reuse_interval, tail_fraction=args.tail_fraction,
         mode=args.mode, num_inference_steps=args.num_inference_steps, num_frames=args.num_frames,
         height=args.height, width=args.width, guidance_scale=args.guidance_scale,
-        indicator_feature=args.indicator_feature,
+        indicator_feature=args.indicator_feature, profile=args.profile, extrapolation=args.extrapolation,
     )
 
 
@@ -166,9 +166,9 @@ def _run_compare(args) -> int:
     main = is_main_process()
     comparison = run_comparison(
         preset=args.preset, prompt=args.prompt, seed=args.seed, threshold=args.threshold,
-        negative_prompt=args.negative_prompt, profile=args.profile, reuse_interval=args.reuse_interval, tail_fraction=args.tail_fraction,
-        mode=args.mode, indicator_feature=args.indicator_feature, num_inference_steps=args.num_inference_steps,
-        num_frames=args.num_frames,
+        negative_prompt=args.negative_prompt, profile=args.profile, reuse_interval=args.reuse_interval,
+        tail_fraction=args.tail_fraction, mode=args.mode, indicator_feature=args.indicator_feature,
+        extrapolation=args.extrapolation, num_inference_steps=args.num_inference_steps, num_frames=args.num_frames,
         height=args.height, width=args.width, guidance_scale=args.guidance_scale, device=args.device,
         compare_with=args.compare_with, progress=_terminal_progress if main else None,
         context_parallel=args.context_parallel,

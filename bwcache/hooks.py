@@ -269,7 +269,7 @@ class BWCacheHook(ModelHook):
             counted = parallel.token_count(self.module, hidden_states)
             cp_config = parallel.context_parallel_config(self.module)
             parallel.check_sequence(cp_config, counted)
-            if self.config.indicator_token_stride > 1:
+            if self.config.indicator_token_stride > 1 and self.policy.measures:
                 parallel.check_strided_split(cp_config, counted)
             self._sequence_length = counted[0] if counted is not None else None
         return group
@@ -397,6 +397,8 @@ class BWCacheHook(ModelHook):
         if key == self._started:
             return
         foreign = foreign_cache_hooks(self.module)
+        if getattr(unwrap_module(self.module), "_is_cached", False):
+            foreign.insert(0, "cache-dit")
         if foreign:
             raise ValueError(
                 f"Another cache was applied on top of BWCache ({', '.join(foreign[:3])}); two caches cannot share "

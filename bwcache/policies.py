@@ -99,13 +99,14 @@ class PaperPolicy(Policy):
             return False
         step, schedule = state.step, state.schedule
         if schedule is None:
-            if self.config.extrapolation > 0:
-                # An extrapolation after a trigger at the next step needs this step's residual too.
+            T = state.num_steps
+            # A trigger at this very step would start the schedule from here; when extrapolating, one at the next
+            # step would extrapolate from this step's residual too.
+            if step >= 1 and not all(config_schedule(self.config, step, T)[step + 1 :]):
                 return True
-            if step < 1:
-                return False
-            # A trigger at this very step would start the schedule from here.
-            schedule = config_schedule(self.config, step, state.num_steps)
+            return self.config.extrapolation > 0 and step + 1 < T and not all(
+                config_schedule(self.config, step + 1, T)[step + 2 :]
+            )
         return not all(schedule[step + 1 :])
 
     def measure(self, state, i: int, has_residual: bool) -> BlockPlan:

@@ -16,7 +16,7 @@ Schema (every key required; ``hub_id``, ``pipeline_class`` and
                the cache library resolves it); optionally the block-wise guards
               warmup_steps, tail_steps, accumulate_distance and indicator_token_stride,
               and cache_dtype (storage dtype of the cached tensors)
-    profiles: named alternatives to the default cache settings, at least "fast":
+    profiles (optional): named alternatives to the default cache settings; the shipped presets name "fast":
               {"fast": {"note": "...", "bwcache": {keys of bwcache to change}}}
               (the default profile, "default", is the bwcache section itself)
     recommended_gpu_memory_gb, notes
@@ -54,8 +54,9 @@ FIRST_PRESET = "tiny-shapes"
 
 _TOP_KEYS = (
     "name", "label", "kind", "hub_id", "pipeline_class", "dtype",
-    "defaults", "limits", "bwcache", "profiles", "recommended_gpu_memory_gb", "notes",
+    "defaults", "limits", "bwcache", "recommended_gpu_memory_gb", "notes",
 )
+_OPTIONAL_TOP = ("profiles",)
 _NULLABLE_TOP = {"hub_id", "pipeline_class", "recommended_gpu_memory_gb"}
 _DEFAULT_KEYS = (
     "prompt", "negative_prompt", "height", "width", "num_frames",
@@ -66,8 +67,6 @@ _BWCACHE_KEYS = ("threshold", "reuse_interval", "tail_fraction", "mode", "indica
 _BWCACHE_OPTIONAL_KEYS = ("warmup_steps", "tail_steps", "accumulate_distance", "indicator_token_stride", "cache_dtype",
                           "indicator_feature", "tail_rule", "paper_tail_steps", "extrapolation")
 DEFAULT_PROFILE = "default"
-# Profiles every preset names besides its default.
-REQUIRED_PROFILES = ("fast",)
 
 _RULE_RE = re.compile(r"^\s*(\d+)\s*k\s*(?:\+\s*(\d+))?\s*$")
 
@@ -153,7 +152,7 @@ class Preset:
             defaults=_freeze(data["defaults"]),
             limits=_freeze(data["limits"]),
             bwcache=_freeze(data["bwcache"]),
-            profiles=_freeze(data["profiles"]),
+            profiles=_freeze(data.get("profiles", {})),
             recommended_gpu_memory_gb=data["recommended_gpu_memory_gb"],
             notes=data["notes"],
             path=path,
@@ -166,7 +165,7 @@ class Preset:
 
     def to_dict(self) -> dict:
         """The preset as plain JSON-able data (the schema, without ``path``)."""
-        return {k: _thaw(getattr(self, k)) for k in _TOP_KEYS}
+        return {k: _thaw(getattr(self, k)) for k in _TOP_KEYS + _OPTIONAL_TOP}
 
     @property
     def profile_names(self) -> tuple[str, ...]:
@@ -343,12 +342,9 @@ def _check_schema(data: Any, source: str) -> None:
     except ValueError as exc:
         fail(f"bwcache: {exc}")
 
-    profiles = data["profiles"]
+    profiles = data.get("profiles", {})
     if not isinstance(profiles, Mapping):
         fail("'profiles' must be an object")
-    missing = [name for name in REQUIRED_PROFILES if name not in profiles]
-    if missing:
-        fail(f"profiles must name {missing} (besides the default, which is the bwcache section)")
     for name, profile in profiles.items():
         if name == DEFAULT_PROFILE or not re.fullmatch(r"[a-z][a-z0-9-]*", name):
             fail(f"profile name {name!r} must be lower-case letters, digits or '-', and not {DEFAULT_PROFILE!r}")

@@ -119,9 +119,9 @@ def no_reuse_hint(record: dict) -> str | None:
     config, steps = record["config"], record["settings"]["num_inference_steps"]
     if record["reuse_fraction"] > 0 or config["threshold"] == 0:
         return None
-    if config["mode"] == "blockwise":
+    if config["mode"] in ("blockwise", "static"):
         warmup, tail = config.get("warmup_steps", 0), config.get("tail_steps", 0)
-        if steps <= warmup + tail + 1:
+        if steps <= warmup + tail + 1 or config["mode"] == "static":
             return (f"Nothing was reused: with {steps} steps, the {warmup} warm-up and {tail} tail steps leave no step "
                     "where a block may reuse. Use more steps or fewer warm-up and tail steps.")
         return f"Nothing was reused: no block's distance fell below δ={config['threshold']:g}. Try a higher δ."

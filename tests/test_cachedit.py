@@ -188,6 +188,19 @@ def test_it_refuses_to_share_the_pipeline_with_another_cache(tiny):
     apply_bwcache(tiny).remove()
 
 
+def test_a_generation_refuses_cachedit_enabled_behind_bwcache_s_back(tiny):
+    preset = resolve_preset("tiny-shapes")
+    settings = resolve_settings(preset, num_frames=8, height=24, width=24, num_inference_steps=4)
+    handle = apply_bwcache(tiny)
+    try:
+        tiny.transformer._is_cached = True  # what cache_dit.enable_cache leaves on the transformer
+        with pytest.raises(ValueError, match=r"Another cache was applied on top of BWCache \(cache-dit"):
+            generate(tiny, preset, settings, "cpu")
+    finally:
+        del tiny.transformer._is_cached
+        handle.remove()
+
+
 def test_pipelines_without_a_cachedit_adapter_say_why():
     from tiny_pipelines import PIPELINES
 

@@ -68,6 +68,8 @@ def test_bad_outputs_devices_and_ranges_are_refused_before_any_model_work(tmp_pa
         (["--device", "cuda:3"], "no CUDA GPU is available here"),
         (["--threshold", "1.5"], "δ (threshold) = 1.5 is outside the allowed range 0 to 1"),
         (["--steps", "4", "--reuse-interval", "9"], "R (reuse interval) = 9 is more than the 4 steps"),
+        (["--profile", "turbo"], "Profile must be one of default, fast"),
+        (["--extrapolation", "2"], "Extrapolation = 2 is outside the allowed range 0 to 1"),
     ]
     for arguments, message in cases:
         assert bwcache_cli.main(["compare", *arguments]) == 2, arguments

@@ -124,9 +124,12 @@ def test_a_profile_that_does_not_exist_or_breaks_the_config_is_refused(tmp_path)
     data["profiles"]["fast"]["bwcache"]["extrapolation"] = 2
     with pytest.raises(ValueError, match=r"profiles.fast: extrapolation must be between 0 and 1"):
         Preset.from_dict(data, source="bad")
-    data["profiles"] = {"quick": data["profiles"]["fast"]}
-    with pytest.raises(ValueError, match=r"profiles must name \['fast'\]"):
+    data["profiles"] = {"default": data["profiles"]["fast"]}
+    with pytest.raises(ValueError, match=r"profile name 'default' must be .* and not 'default'"):
         Preset.from_dict(data, source="bad")
+    # A preset of one's own may name no profile but its default.
+    data.pop("profiles")
+    assert Preset.from_dict(data, source="mine").profile_names == ("default",)
 
 
 def test_the_run_record_names_its_profile(pipe, preset):
@@ -156,7 +159,7 @@ def test_the_compute_probe_counts_attention_from_its_shapes(pipe, preset):
 
 
 def test_benchmark_ablations_and_profiles_run(pipe, preset):
-    methods = select_methods("bw-default,bw-fast,static-default,steps-as-bw-default")
+    methods = select_methods("bw-default,bw-fast,bw-default-unchanged,static-default,steps-as-bw-default")
     results = run_benchmark(preset, ["a cat"], methods, repeats=1, pipe=pipe, device="cpu", progress=None,
                             overhead_repeats=1)
     rows = {r["key"]: r for r in results["rows"]}
@@ -165,6 +168,21 @@ def test_benchmark_ablations_and_profiles_run(pipe, preset):
     assert rows["steps-as-bw-default"]["steps"] == [round(6 * (1 - default_skipped))]
     assert rows["steps-as-bw-default"]["skipped"] == pytest.approx(1 - rows["steps-as-bw-default"]["steps"][0] / 6)
     assert rows["static-default"]["speedup"] > 0 and rows["bw-fast"]["speedup"] > 0
+    # The Wan preset reuses residuals unchanged already: its "unchanged" row would repeat the default's.
+    assert rows["bw-default-unchanged"]["speedup"] is None
+    assert rows["bw-default-unchanged"]["skipped_reason"] == "The same config as BWCache preset default on this preset."
+
+
+def test_a_preset_without_a_fast_profile_leaves_its_rows_out(pipe):
+    data = small_preset().to_dict()
+    data.pop("profiles")
+    preset = Preset.from_dict(data, source="no profiles")
+    results = run_benchmark(preset, ["a cat"], select_methods("bw-default,bw-fast,steps-as-bw-fast"), repeats=1,
+                            pipe=pipe, device="cpu", progress=None, overhead_repeats=1)
+    rows = {r["key"]: r for r in results["rows"]}
+    assert rows["bw-default"]["speedup"] > 0
+    assert rows["bw-fast"]["skipped_reason"].endswith("names no fast profile.")
+    assert "that row did not run" in rows["steps-as-bw-fast"]["skipped_reason"]
 
 
 def test_a_steps_row_needs_the_row_it_matches():
