@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bwcache.apply import cached  # noqa: E402
 from bwcache.bench import cache_work_shares  # noqa: E402
-from bwcache.memory import parameter_bytes, peak_tensor_bytes  # noqa: E402
+from bwcache.memory import peak_tensor_bytes, pipeline_weight_bytes  # noqa: E402
 from bwcache.pipelines import default_device, device_name, get_pipeline  # noqa: E402
 from bwcache.runner import generate, resolve_config, resolve_preset, resolve_settings  # noqa: E402
 
@@ -39,8 +39,7 @@ def measure(pipe, preset, settings, config, device, repeats) -> dict:
             cached_times.append(generate(pipe, preset, settings, device)[1])
     share = cache_work_shares(pipe.transformer, lambda: generate(pipe, preset, settings, device)[1], (config,),
                               device)[0]
-    weights = sum(parameter_bytes(m) for m in (pipe.transformer, getattr(pipe, "text_encoder", None),
-                                               getattr(pipe, "vae", None)) if m is not None)
+    weights = pipeline_weight_bytes(pipe)
     plain_peak = peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)
     with cached(pipe, config):
         cached_peak = peak_tensor_bytes(lambda: generate(pipe, preset, settings, device), device)

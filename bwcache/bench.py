@@ -32,7 +32,7 @@ from . import peers
 from .blocks import find_blocks
 from .config import BWCacheConfig
 from .apply import apply_bwcache, cached
-from .memory import parameter_bytes, peak_tensor_bytes
+from .memory import peak_tensor_bytes, pipeline_weight_bytes
 from .metrics import compare_videos
 from .pipelines import default_device, device_name, get_pipeline
 from .runner import AUTO, ForwardTimer, _synchronize, block_timer, check_prompt, generate, resolve_config, resolve_preset, resolve_settings
@@ -660,7 +660,7 @@ def memory_configs(config: BWCacheConfig) -> dict[str, tuple[str, BWCacheConfig]
 
 def memory_overhead(pipe, preset, settings, device) -> dict:
     """Peak tensor memory of one generation, uncached and with each of `memory_configs`."""
-    weights = sum(parameter_bytes(m) for m in (pipe.transformer, getattr(pipe, "text_encoder", None), getattr(pipe, "vae", None)) if isinstance(m, torch.nn.Module))
+    weights = pipeline_weight_bytes(pipe)
 
     def peak(cache_config: BWCacheConfig | None) -> int:
         with _applied(pipe, cache_config):

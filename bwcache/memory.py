@@ -63,3 +63,9 @@ def parameter_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
         b.numel() * b.element_size() for b in module.buffers()
     )
+
+
+def pipeline_weight_bytes(pipe) -> int:
+    """Bytes of the weights a generation holds: the transformer's, the text encoder's and the VAE's."""
+    parts = (pipe.transformer, getattr(pipe, "text_encoder", None), getattr(pipe, "vae", None))
+    return sum(parameter_bytes(m) for m in parts if isinstance(m, torch.nn.Module))

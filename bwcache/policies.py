@@ -170,9 +170,14 @@ class BlockwisePolicy(Policy):
     def decide(self, state, i: int, distance: float) -> bool:
         if distance >= self.config.threshold:
             return False
-        state.consecutive[i] += 1
         if self.config.accumulate_distance:
             state.accumulated[i] = distance
+        return self._reuse(state, i)
+
+    @staticmethod
+    def _reuse(state, i: int) -> bool:
+        """Count a reuse of block i (its run of consecutive reuses, the branch's first reuse step)."""
+        state.consecutive[i] += 1
         if state.first_reuse_step is None:
             state.first_reuse_step = state.step
         return True
@@ -203,10 +208,7 @@ class StaticPolicy(BlockwisePolicy):
         return BlockPlan(may_reuse=may_reuse, keep=state.need_residuals)
 
     def decide(self, state, i: int, distance: float | None) -> bool:
-        state.consecutive[i] += 1
-        if state.first_reuse_step is None:
-            state.first_reuse_step = state.step
-        return True
+        return self._reuse(state, i)
 
 
 POLICIES = {"paper": PaperPolicy, "blockwise": BlockwisePolicy, "static": StaticPolicy}
