@@ -1,5 +1,7 @@
 """BWCache Explorer: one prompt run without and with BWCache, side by side, with timings, quality and the cache's
-per-block decisions. UI and wiring only; the work is in `bwcache.runner`, the helpers in `bwcache.ui`.
+per-block decisions. The app's constants, its handlers and `build_demo()`, which lays out the page and wires it from
+the one description of the cache settings (`bwcache.config.CACHE_SETTINGS`); the work is in `bwcache.runner`, the
+helpers in `bwcache.ui`.
 
     python app.py            # honours GRADIO_SERVER_NAME, GRADIO_SERVER_PORT and PORT
 """
@@ -15,12 +17,12 @@ except ImportError:
 
 import asyncio
 import functools
+import inspect
 import os
 import signal
 import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
-from inspect import signature
 from pathlib import Path
 
 import gradio as gr
@@ -28,10 +30,12 @@ import pandas as pd
 import torch
 
 from bwcache import ui
+from bwcache.config import CACHE_SETTINGS, BWCacheConfig
 from bwcache.pipelines import PipelineUnavailable, get_pipeline
-from bwcache.presets import Preset
+from bwcache.presets import DEFAULT_PROFILE, Preset
 from bwcache.report import summary_markdown
-from bwcache.runner import RunCancelled, run_comparison, run_sweep
+from bwcache.runner import SETTING_KEYS, RunCancelled, run_comparison, run_sweep
+from bwcache.settings import Settings, short_repr
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = ROOT / "assets" / "examples"
@@ -52,12 +56,14 @@ _RUNNING: set[threading.Event] = set()
 
 ON_ZERO_GPU = spaces is not None and bool(spaces.config.Config.zero_gpu)
 # On a Hugging Face Space the app offers the presets whose weights the Space preloads (README front matter).
-PRESETS = ui.available_presets(space=bool(os.environ.get("SPACE_ID")))
+ON_SPACE = bool(os.environ.get("SPACE_ID"))
+PRESETS = ui.available_presets(space=ON_SPACE)
 DEFAULT_PRESET = ui.default_preset_name(PRESETS)
 EXAMPLES = ui.list_examples(EXAMPLES_DIR, PRESETS)
 PEER_CHOICES = [("none", ui.NO_PEER)] + [(label, key) for key, label in ui.PEER_METHODS.items()]
-PEERS_SUPPORTED = "compare_with" in signature(run_comparison).parameters
 DEFAULT_SWEEP = "0.05, 0.1, 0.15, 0.2, 0.3"
+# The generation fields of the form, after the prompts.
+GENERATION_FIELDS = tuple(key for key in SETTING_KEYS if key not in ("prompt", "negative_prompt"))
 
 # Plotly skips resizing a plot while it is hidden; the tab becomes visible a frame after its select event.
 REFIT_PLOTS = "() => { requestAnimationFrame(() => requestAnimationFrame(() => window.dispatchEvent(new Event('resize')))); }"
@@ -69,12 +75,16 @@ CSS = """
 """
 
 
+def as_sent(component):
+    """The component's value reaches the app's own checks as sent: not rounded, not bounded by Gradio, a menu
+    value that is not among its choices passed on, so the message names the field as users see it and what it
+    allows."""
+    component.preprocess = lambda payload: payload
+    return component
+
+
 def field_number(*args, **kwargs) -> gr.Number:
-    """A number field whose value reaches the app's own checks as sent: not rounded, not bounded by Gradio, and text
-    passed on, so the message names the field as users see it and its allowed range."""
-    field = gr.Number(*args, **kwargs)
-    field.preprocess = lambda payload: payload
-    return field
+    return as_sent(gr.Number(*args, **kwargs))
 
 
 def gpu(duration):
@@ -92,9 +102,9 @@ def _progress(progress):
 
 def _preset(name) -> Preset:
     name = DEFAULT_PRESET if name in (None, "") else name
-    if name not in PRESETS:
-        raise gr.Error(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.", title="Invalid settings",
-                       print_exception=False)
+    if not isinstance(name, str) or name not in PRESETS:
+        raise gr.Error(f"Model preset must be one of {', '.join(PRESETS)}, got {short_repr(name)}.",
+                       title="Invalid settings", print_exception=False)
     return PRESETS[name]
 
 
@@ -149,10 +159,9 @@ def _comparison_seconds(preset_name, request, compare_with=None, progress=None, 
 
 def _compare_work(preset_name, request, compare_with=None, progress=None, cancel=None):
     spec = PRESETS[preset_name]
-    extra = {"compare_with": compare_with} if compare_with is not None else {}
     with _user_errors(spec, ui.resolved_settings(spec, request)):
         comparison = run_comparison(preset_name, pipe=PIPELINE_OVERRIDES.get(preset_name), device=_device(spec),
-                                    progress=_progress(progress), cancel=cancel, **request, **extra)
+                                    progress=_progress(progress), cancel=cancel, compare_with=compare_with, **request)
     # uint8 frames cross back from the GPU process: a quarter of the float frames' bytes.
     return comparison.as_uint8()
 
@@ -181,11 +190,10 @@ def _sweep_seconds(preset_name, request, thresholds, progress=None, cancel=None)
 
 def _sweep_work(preset_name, request, thresholds, progress=None, cancel=None):
     spec = PRESETS[preset_name]
-    settings = {key: value for key, value in request.items() if key not in ("prompt", "seed", "threshold")}
     with _user_errors(spec, ui.resolved_settings(spec, request)):
-        return run_sweep(preset_name, request["prompt"], request["seed"], thresholds, device=_device(spec),
+        return run_sweep(preset_name, thresholds=thresholds, device=_device(spec),
                          pipe=PIPELINE_OVERRIDES.get(preset_name), progress=_progress(progress), cancel=cancel,
-                         **settings)
+                         **request)
 
 
 _sweep_on_gpu = gpu(duration=_sweep_seconds)(_sweep_work)
@@ -231,50 +239,53 @@ def cancellable(function):
     return handler
 
 
-# ----------------------------------------------------------------------------- event functions
+# ----------------------------------------------------------------------------- endpoints
+# The compare and sweep endpoints take the form's fields by name; their parameters (the API's, in this order)
+# follow the settings description, so a described setting is an API parameter as soon as the form offers it.
 
 
-def compare(
-    prompt=None,
-    preset=DEFAULT_PRESET,
-    threshold=None,
-    seed=None,
-    negative_prompt=None,
-    reuse_interval=None,
-    tail_fraction=None,
-    mode=None,
-    num_inference_steps=None,
-    num_frames=None,
-    height=None,
-    width=None,
-    guidance_scale=None,
-    randomize_seed=False,
-    compare_with=ui.NO_PEER,
-    indicator_feature=None,
-    profile=None,
-    extrapolation=None,
-    progress=gr.Progress(),
-):
-    """Run the prompt without and with BWCache on the preset's model (same seed and settings).
+def compare_parameters(settings: Settings = CACHE_SETTINGS) -> list[str]:
+    main = [s.name for s in settings.form if s.form == "main"]
+    advanced = [s.name for s in settings.form if s.form == "advanced"]
+    return ["prompt", "preset", *main, "seed", "negative_prompt", *GENERATION_FIELDS, *advanced, "randomize_seed",
+            "compare_with", "profile"]
 
-    Settings left empty take the preset's defaults; cache settings left empty take those of the preset's `profile`
-    ("default", "fast", …; the default when empty). Returns the uncached video, the BWCache video, the block × step
-    heatmap, a Markdown summary, the run record (speedup, baseline_seconds, bwcache_seconds, psnr, ssim,
-    reuse_fraction, trace, ...), the seed used, the peer cache's video (when `compare_with` names one) and the
-    run's files.
-    """
-    spec = _preset(preset)
+
+def sweep_parameters(settings: Settings = CACHE_SETTINGS) -> list[str]:
+    cache = [s.name for s in settings.form if s.name != "threshold"]
+    return ["prompt", "preset", "thresholds", "seed", "negative_prompt", *GENERATION_FIELDS, *cache, "profile"]
+
+
+_DEFAULTS = {"preset": None, "randomize_seed": False, "compare_with": ui.NO_PEER, "thresholds": DEFAULT_SWEEP}
+
+
+def endpoint(work, names: list[str], doc: str):
+    """A function taking `names` (positionally, in order, or by name; left out: the preset's default) and Gradio's
+    progress tracker, calling `work(values, progress)`; its signature is what Gradio lists as the API."""
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=_DEFAULTS.get(name))
+                  for name in names]
+    parameters.append(inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress()))
+    signature = inspect.Signature(parameters)
+
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        progress = values.pop("progress")
+        return work(values, progress)
+
+    call.__signature__ = signature
+    call.__doc__ = doc
+    call.__name__ = work.__name__.lstrip("_")
+    return call
+
+
+def _compare(values, progress):
+    spec = _preset(values.pop("preset"))
     with _user_errors():
-        request = ui.check_request(
-            spec, prompt=prompt, negative_prompt=negative_prompt, threshold=threshold, reuse_interval=reuse_interval,
-            tail_fraction=tail_fraction, mode=mode, num_inference_steps=num_inference_steps, num_frames=num_frames,
-            height=height, width=width, guidance_scale=guidance_scale, seed=ui.check_seed(seed, randomize_seed),
-            indicator_feature=indicator_feature, profile=profile, extrapolation=extrapolation,
-        )
-        peer = ui.parse_peer(compare_with)
-        if peer is not None and not PEERS_SUPPORTED:
-            raise gr.Error("Comparing against other caches is not available in this version of bwcache.",
-                           title="Invalid settings", print_exception=False)
+        values["seed"] = ui.check_seed(values.get("seed"), values.pop("randomize_seed"))
+        peer = ui.parse_peer(values.pop("compare_with"))
+        request = ui.check_request(spec, **values)
         settings = ui.resolved_settings(spec, request)
     with _user_errors(spec, settings):
         comparison = _run_comparison(spec.name, request, peer, progress=progress)
@@ -293,51 +304,52 @@ def compare(
     )
 
 
-def sweep(
-    prompt=None,
-    preset=DEFAULT_PRESET,
-    thresholds=DEFAULT_SWEEP,
-    seed=None,
-    negative_prompt=None,
-    reuse_interval=None,
-    tail_fraction=None,
-    mode=None,
-    num_inference_steps=None,
-    num_frames=None,
-    height=None,
-    width=None,
-    guidance_scale=None,
-    indicator_feature=None,
-    profile=None,
-    extrapolation=None,
-    progress=gr.Progress(),
-):
-    """Run the cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ.
-
-    `thresholds` is text such as "0.05, 0.1, 0.2" (at most 8 values from 0 to 1). Returns the speed-vs-fidelity
-    figure, the table and a CSV file.
-    """
-    spec = _preset(preset)
+def _sweep(values, progress):
+    spec = _preset(values.pop("preset"))
     with _user_errors():
-        values = ui.parse_thresholds(thresholds)
-        request = ui.check_request(
-            spec, prompt=prompt, negative_prompt=negative_prompt, reuse_interval=reuse_interval,
-            tail_fraction=tail_fraction, mode=mode, num_inference_steps=num_inference_steps, num_frames=num_frames,
-            height=height, width=width, guidance_scale=guidance_scale, seed=ui.check_seed(seed),
-            indicator_feature=indicator_feature, profile=profile, extrapolation=extrapolation,
-        )
+        thresholds = ui.parse_thresholds(values.pop("thresholds"))
+        values["seed"] = ui.check_seed(values.get("seed"))
+        request = ui.check_request(spec, **values)
         settings = ui.resolved_settings(spec, request)
     with _user_errors(spec, settings):
-        result = _run_sweep(spec.name, request, values, progress=progress)
+        result = _run_sweep(spec.name, request, thresholds, progress=progress)
     paths = _save("sweep", lambda folder: ui.save_sweep(result, folder))
     tuning = ui.tuning_source(baseline_trace=result["baseline_trace"], config=ui.request_config(spec, request),
                               block_share=result.get("block_share"), measured=result["rows"])
     return ui.sweep_plot(result), pd.DataFrame(ui.sweep_table(result), columns=ui.SWEEP_HEADERS), paths["csv"], tuning
 
 
+compare = endpoint(_compare, compare_parameters(), """Run the prompt without and with BWCache on the preset's model
+(same seed and settings).
+
+Settings left empty take the preset's defaults; cache settings left empty take those of the preset's `profile`
+("default", "fast", …; the default when empty). Returns the uncached video, the BWCache video, the block × step
+heatmap, a Markdown summary, the run record (speedup, baseline_seconds, bwcache_seconds, psnr, ssim, reuse_fraction,
+trace, ...), the seed used, the peer cache's video (when `compare_with` names one) and the run's files.""")
+
+sweep = endpoint(_sweep, sweep_parameters(), """Run the cached pipeline at several δ against one uncached run:
+measured speedup, PSNR and SSIM per δ.
+
+`thresholds` is text such as "0.05, 0.1, 0.2" (at most 8 values from 0 to 1). Returns the speed-vs-fidelity figure,
+the table and a CSV file.""")
+
+
+# ----------------------------------------------------------------------------- form and views
+
+
+def form_keys(settings: Settings = CACHE_SETTINGS) -> list[str]:
+    """The controls a preset fills, in the order `fill_preset` returns them (then the notes)."""
+    return ["prompt", "negative_prompt", *GENERATION_FIELDS, "seed", "profile", *(s.name for s in settings.form)]
+
+
+def profile_keys(settings: Settings = CACHE_SETTINGS) -> list[str]:
+    """The controls a cache profile sets, in the order `fill_profile` returns them."""
+    return [*(s.name for s in settings.form), "profile"]
+
+
 def _form_updates(preset, values=None):
     form = ui.preset_form(preset, values)
-    updates = [gr.update(**form[key]) for key in FORM_KEYS]
+    updates = [gr.update(**form[key]) for key in form_keys(preset.settings)]
     return updates + [ui.preset_notes(preset)]
 
 
@@ -348,15 +360,21 @@ def fill_preset(preset):
 
 def fill_profile(preset, profile):
     """The cache controls for one of the preset's profiles (the other controls keep what they hold)."""
-    form = ui.preset_form(_preset(preset), {"profile": profile})
-    return [gr.update(**form[key]) for key in PROFILE_KEYS]
+    spec = _preset(preset)
+    if profile not in spec.profile_names:
+        raise gr.Error(f"Profile must be one of {', '.join(spec.profile_names)} for {spec.label}, "
+                       f"got {short_repr(profile)}.", title="Invalid settings", print_exception=False)
+    form = ui.preset_form(spec, {"profile": profile})
+    return [gr.update(**form[key]) for key in profile_keys(spec.settings)]
 
 
-def show_run(record, view, branch, log_color, threshold):
-    """Everything drawn from the last run record: heatmap, branch choices, peer video, threshold tuning."""
+def show_run(record, view, branch, log_color):
+    """Everything drawn from the last run record: heatmap, branch choices, peer video, threshold tuning (at the
+    run's own δ, which the tuning tab's δ control takes)."""
     choices = ui.branch_choices(record)
     branch = branch if branch in choices else (choices[0] if choices else None)
     tuning = ui.tuning_source(record) if record else None
+    threshold = record["config"]["threshold"] if record else None
     figure, text = ui.tuning_view(tuning, threshold)
     return (
         ui.heatmap(record, view, branch, log_color),
@@ -366,6 +384,7 @@ def show_run(record, view, branch, log_color, threshold):
         tuning,
         figure,
         text,
+        gr.update() if threshold is None else threshold,
     )
 
 
@@ -377,214 +396,240 @@ def retune(tuning, threshold):
     return ui.tuning_view(tuning, threshold)
 
 
+def retune_both(tuning, threshold):
+    """The tuning view at a δ moved in one of the two δ controls, and that δ for the other control."""
+    figure, text = ui.tuning_view(tuning, threshold)
+    return figure, text, gr.update() if threshold is None else threshold
+
+
 def load_example(prompt, preset, threshold, seed):
     """A precomputed run from assets/examples: instant, no model needed."""
     example = ui.find_example(EXAMPLES, preset, prompt, threshold, seed)
     if example is None:
         raise gr.Error("This example's files are missing; press Run to compute it.", print_exception=False)
     record, paths = example["record"], ui.example_paths(example["dir"])
-    values = {**record["settings"], **record["config"], "prompt": record["prompt"],
-              "negative_prompt": record["negative_prompt"], "seed": record["seed"]}
-    if values.get("reuse_interval") is None:
-        values["reuse_interval"] = ui.AUTO  # the example's R was "auto", not the preset's default
-    values.setdefault("indicator_feature", "hidden_states")
-    values.setdefault("extrapolation", 0.0)
-    values["profile"] = record.get("profile") or "default"
+    spec = PRESETS[record["preset"]]
+    # The example's own cache settings, as the form shows them (R "auto" where the run took 10% of the steps).
+    config = BWCacheConfig.from_dict(record["config"])
+    values = {**record["settings"], "prompt": record["prompt"], "negative_prompt": record["negative_prompt"],
+              "seed": record["seed"], "profile": record.get("profile") or DEFAULT_PROFILE,
+              **{s.name: s.form_value(getattr(config, s.name)) for s in spec.settings.form}}
     run = [
         paths["baseline"], paths["bwcache"], ui.heatmap(record),
         ui.example_summary(record, summary_markdown(record)), record, record["seed"], paths.get("peer"),
         ui.download_list(paths), record,
     ]
-    form = _form_updates(PRESETS[record["preset"]], values)
-    return run + [update for key, update in zip(FORM_KEYS + ["notes"], form) if key not in ("seed",)]
+    form = _form_updates(spec, values)
+    return run + [update for key, update in zip(form_keys(spec.settings) + ["notes"], form) if key != "seed"]
 
 
 # ----------------------------------------------------------------------------- layout
 
-FORM_KEYS = ["prompt", "negative_prompt", "threshold", "reuse_interval", "tail_fraction", "mode",
-             "indicator_feature", "num_inference_steps", "num_frames", "height", "width", "guidance_scale", "seed",
-             "profile", "extrapolation"]
-# The controls a cache profile sets.
-PROFILE_KEYS = ["threshold", "reuse_interval", "tail_fraction", "mode", "indicator_feature", "extrapolation",
-                "profile"]
 
-with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 7200)) as demo:
-    gr.Markdown(
-        "# BWCache Explorer\n"
-        "Block-wise caching for video diffusion transformers ([paper](https://arxiv.org/abs/2509.13789)): the same "
-        "prompt, seed and settings run without and with BWCache, timed one after the other on the same device. "
-        "The heatmap shows how much each DiT block's output changed at each step, and which blocks the cache reused."
-    )
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=1, min_width=320):
-            preset = gr.Dropdown([(p.label, name) for name, p in PRESETS.items()], value=DEFAULT_PRESET,
-                                 label="Model preset", elem_id="preset")
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-            profile = gr.Dropdown(list(PRESETS[DEFAULT_PRESET].profile_names), value="default", label="Profile",
-                                  elem_id="profile")
-            threshold = gr.Slider(0.0, 1.0, value=PRESETS[DEFAULT_PRESET].bwcache["threshold"], step=0.005,
-                                  label="δ (threshold)", info="higher = more reuse, faster, lower fidelity",
-                                  elem_id="threshold")
-            # The slider's value as sent, as the number fields' are: its box holds whatever is being typed (empty,
-            # out of range), which the tuning view and Run's checks answer with their own messages.
-            threshold.preprocess = lambda payload: payload
-            # What Run sends: the slider's value, copied here as it moves. The API sees this field, empty by
-            # default, so a call that leaves δ out (or sends null) gets the preset's own default.
-            threshold_value = field_number(None, label="δ (threshold)", visible=False)
-            compare_with = gr.Dropdown(PEER_CHOICES, value=ui.NO_PEER, label="Compare against",
-                                       info="also run another cache on the same prompt", visible=PEERS_SUPPORTED,
-                                       elem_id="compare-with")
-            run = gr.Button("Run", variant="primary", elem_id="run-button")
-            notes = gr.Markdown(elem_classes=["preset-notes"])
-            with gr.Accordion("Advanced settings", open=False, elem_id="advanced-settings"):
-                negative_prompt = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative-prompt")
-                with gr.Row():
-                    reuse_interval = gr.Textbox(label="R (reuse interval)", info='"auto" (10% of steps) or a number',
-                                                elem_id="reuse-interval")
-                    tail_fraction = field_number(label="Tail fraction", step=0.05,
-                                              info="share of the trigger step always computed at the end")
-                mode = gr.Radio(["paper", "blockwise", "static"], label="Mode",
-                                info="paper: one indicator per step; blockwise: each block decides; static: "
-                                "block-wise mode's schedule without the indicator")
-                extrapolation = field_number(label="Extrapolation", step=0.05, elem_id="extrapolation",
-                                             info="0 to 1. 0: a reused residual is added unchanged; 1: moved along "
-                                             "the line through its last two computed ones")
-                indicator_feature = gr.Radio(
-                    [("hidden-states input (paper Eq. 5)", "hidden_states"),
-                     ("modulated attention input, as the official code measures it (paper mode)", "modulated")],
-                    label="Indicator feature", info="what each block's distance is measured on",
-                    elem_id="indicator-feature",
+def _control(setting):
+    """The form's control for a described cache setting."""
+    low, high = setting.form_range
+    common = dict(label=setting.label, info=setting.help, elem_id=setting.name.replace("_", "-"))
+    widget = setting.widget or {"choice": "radio", "flag": "checkbox"}.get(setting.kind)
+    if widget == "slider":
+        return as_sent(gr.Slider(low, high, step=setting.step, **common))
+    if widget == "radio":
+        labels = setting.choice_labels or {}
+        return as_sent(gr.Radio([(labels.get(c, c), c) for c in setting.choices], **common))
+    if widget == "checkbox":
+        return as_sent(gr.Checkbox(**common))
+    if setting.kind == "integer" and setting.none_word is not None:
+        return as_sent(gr.Textbox(**common))
+    return field_number(step=setting.step or 1, precision=None, **common)
+
+
+def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
+    """The page: its layout, and every event wired to the handlers. Its cache controls, their API parameters and
+    the controls a profile sets all come from `settings`."""
+    controls = {}
+    with gr.Blocks(title="BWCache Explorer", fill_width=True, delete_cache=(1800, 7200)) as demo:
+        gr.Markdown(
+            "# BWCache Explorer\n"
+            "Block-wise caching for video diffusion transformers ([paper](https://arxiv.org/abs/2509.13789)): the "
+            "same prompt, seed and settings run without and with BWCache, timed one after the other on the same "
+            "device. The heatmap shows how much each DiT block's input changed at each step, and which blocks the "
+            "cache reused."
+        )
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=320):
+                preset = as_sent(gr.Dropdown([(p.label, name) for name, p in PRESETS.items()], value=DEFAULT_PRESET,
+                                             label="Model preset", elem_id="preset"))
+                controls["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                controls["profile"] = as_sent(gr.Dropdown(
+                    list(PRESETS[DEFAULT_PRESET].profile_names) if DEFAULT_PRESET else [], value=DEFAULT_PROFILE,
+                    label="Profile", elem_id="profile"))
+                sliders = {}
+                for setting in settings.form:
+                    if setting.form == "main":
+                        control = _control(setting)
+                        if isinstance(control, gr.Slider):
+                            # What Run sends: the slider's value, copied here as it moves. The API sees this field,
+                            # empty by default, so a call that leaves it out (or sends null) gets the preset's own.
+                            sliders[setting.name] = control
+                            control = field_number(None, label=setting.label, visible=False)
+                        controls[setting.name] = control
+                compare_with = as_sent(gr.Dropdown(
+                    PEER_CHOICES, value=ui.NO_PEER, label="Compare against",
+                    info="also run another cache on the same prompt", elem_id="compare-with"))
+                run = gr.Button("Run", variant="primary", elem_id="run-button")
+                notes = gr.Markdown(elem_classes=["preset-notes"])
+                with gr.Accordion("Advanced settings", open=False, elem_id="advanced-settings"):
+                    controls["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2,
+                                                             elem_id="negative-prompt")
+                    for setting in settings.form:
+                        if setting.form == "advanced":
+                            controls[setting.name] = _control(setting)
+                    with gr.Row():
+                        controls["num_inference_steps"] = field_number(label="Steps", precision=None, elem_id="steps")
+                        controls["num_frames"] = field_number(label="Frames", precision=None, elem_id="frames")
+                    with gr.Row():
+                        controls["height"] = field_number(label="Height", precision=None, elem_id="height")
+                        controls["width"] = field_number(label="Width", precision=None, elem_id="width")
+                    controls["guidance_scale"] = field_number(label="Guidance scale", elem_id="guidance")
+                    with gr.Row():
+                        controls["seed"] = field_number(label="Seed", precision=None, elem_id="seed",
+                                                        info="the seed used is shown here after a run")
+                        randomize_seed = as_sent(gr.Checkbox(False, label="Randomize seed"))
+                examples_slot = gr.Column()  # filled below, once the outputs the examples fill exist
+
+            with gr.Column(scale=2):
+                with gr.Tabs():
+                    with gr.Tab("Comparison") as comparison_tab:
+                        with gr.Row(equal_height=True, elem_classes=["video-pair"]):
+                            baseline_video = gr.Video(label="Uncached", autoplay=True, loop=True,
+                                                      buttons=["download"], interactive=False,
+                                                      elem_id="baseline-video")
+                            bwcache_video = gr.Video(label="BWCache", autoplay=True, loop=True, buttons=["download"],
+                                                     interactive=False, elem_id="bwcache-video")
+                            peer_video = gr.Video(label="Peer cache", autoplay=True, loop=True, buttons=["download"],
+                                                  interactive=False, visible=False, elem_id="peer-video")
+                        summary = gr.Markdown("Press **Run** or pick an example below.", label="Summary",
+                                              elem_id="summary")
+                        with gr.Row():
+                            view = gr.Radio([(label, key) for key, label in ui.HEATMAP_VIEWS.items()],
+                                            value="uncached", label="Heatmap", scale=3, elem_id="heatmap-view")
+                            branch = gr.Dropdown([], label="CFG branch", scale=1, elem_id="branch")
+                            log_color = gr.Checkbox(False, label="Log colour", scale=1, elem_id="log-colour")
+                        heatmap = gr.Plot(label="Block × step distances and reuse", elem_id="heatmap")
+                        with gr.Accordion("Downloads and run record", open=False):
+                            downloads = gr.File(label="Files of this run", file_count="multiple", interactive=False)
+                            record_json = gr.JSON(label="Run record")
+                    with gr.Tab("Threshold tuning", elem_id="tuning-tab") as tuning_tab:
+                        gr.Markdown(
+                            "What each δ would do in the last run's mode, from its uncached run's distance map: the "
+                            "share of block evaluations reused and the speedup if skipped blocks saved their share "
+                            "of the time. Paper mode is predicted exactly (before its trigger a cached run computes "
+                            "what the uncached run did). Block-wise mode is estimated: a reuse changes every later "
+                            "input, so only its first reuse is exact. Measured runs are marked. Move δ here (or in "
+                            "the left column, which follows) to see its effect; the next run uses it."
+                        )
+                        low, high = settings["threshold"].form_range
+                        tuning_threshold = as_sent(gr.Slider(low, high, step=settings["threshold"].step,
+                                                             label="δ (threshold)", elem_id="tuning-threshold"))
+                        tuning_text = gr.Markdown(elem_id="tuning-text")
+                        tuning_plot = gr.Plot(label="δ → reuse and speedup", elem_id="tuning-plot")
+                    with gr.Tab("Sweep") as sweep_tab:
+                        gr.Markdown("Measured, not predicted: one uncached run, then the cached pipeline at each δ.")
+                        with gr.Row():
+                            thresholds = gr.Textbox(DEFAULT_SWEEP, label="δ values", info="comma-separated, 0 to 1",
+                                                    scale=3)
+                            sweep_button = gr.Button("Sweep", scale=1, elem_id="sweep-button")
+                        sweep_plot = gr.Plot(label="Speed vs fidelity")
+                        sweep_table = gr.Dataframe(headers=ui.SWEEP_HEADERS, interactive=False, label="Per δ")
+                        sweep_file = gr.File(label="Sweep CSV", interactive=False)
+
+        run_state = gr.State()
+        tuning_state = gr.State()
+        controls["preset"], controls["randomize_seed"], controls["compare_with"] = preset, randomize_seed, compare_with
+        controls["thresholds"] = thresholds
+        # What a preset or a profile fills: a slider's visible control, which copies into its sent field.
+        shown = {**controls, **sliders}
+        form = [shown[key] for key in form_keys(settings)] + [notes]
+        profile_form = [shown[key] for key in profile_keys(settings)]
+        run_outputs = [baseline_video, bwcache_video, heatmap, summary, record_json, controls["seed"], peer_video,
+                       downloads, run_state]
+        example_outputs = run_outputs + [c for c in form if c not in run_outputs]
+
+        for name, slider in sliders.items():
+            slider.change(lambda value: value, slider, controls[name], queue=False, api_visibility="private")
+        # Controls start empty so that API calls which leave them out get the preset's defaults; the page fills them.
+        demo.load(fill_preset, preset, form, queue=False, api_visibility="private")
+        # `input`, not `change`: examples set the preset themselves, together with their own settings.
+        preset.input(fill_preset, preset, form, queue=False, api_visibility="private")
+        controls["profile"].input(fill_profile, [preset, controls["profile"]], profile_form, queue=False,
+                                  api_visibility="private")
+
+        # A new run clears the last one's results, so that an error does not leave them on screen as if current.
+        run.click(lambda: (None, None, "", None), None, [baseline_video, bwcache_video, summary, heatmap],
+                  queue=False, api_visibility="private")
+        run.click(
+            cancellable(endpoint(_compare, compare_parameters(settings), compare.__doc__)),
+            [controls[name] for name in compare_parameters(settings)],
+            run_outputs,
+            api_name="compare",
+            concurrency_limit=1,
+            concurrency_id="gpu",
+        )
+        run_state.change(
+            show_run,
+            [run_state, view, branch, log_color],
+            [heatmap, branch, peer_video, tuning_state, tuning_plot, tuning_text, tuning_threshold],
+            queue=False,
+            api_visibility="private",
+        )
+        for control in (view, branch, log_color):
+            control.input(redraw, [run_state, view, branch, log_color], heatmap, queue=False,
+                          api_visibility="private")
+        # The two δ controls follow each other, and the view follows both. Typing in a box fires `input` at every
+        # keystroke, dragging as the slider moves: the last value is always drawn. `release` covers a box losing
+        # focus, where the slider clamps what was typed to its range.
+        threshold = sliders["threshold"]
+        for moved, other in ((threshold, tuning_threshold), (tuning_threshold, threshold)):
+            moved.input(retune_both, [tuning_state, moved], [tuning_plot, tuning_text, other], queue=False,
+                        trigger_mode="always_last", api_visibility="private")
+            moved.release(retune_both, [tuning_state, moved], [tuning_plot, tuning_text, other], queue=False,
+                          api_visibility="private")
+        # A plot drawn while its tab is hidden (a run or sweep finishing while another tab shows) has no width to
+        # fit: Plotly sizes it to a default. Gradio's plots resize with the window, so a resize once the tab shows
+        # fits it.
+        for tab in (comparison_tab, tuning_tab, sweep_tab):
+            tab.select(None, None, None, js=REFIT_PLOTS, queue=False, api_visibility="private")
+        sweep_button.click(
+            cancellable(endpoint(_sweep, sweep_parameters(settings), sweep.__doc__)),
+            [controls[name] for name in sweep_parameters(settings)],
+            [sweep_plot, sweep_table, sweep_file, tuning_state],
+            api_name="sweep",
+            concurrency_limit=1,
+            concurrency_id="gpu",
+        ).success(retune_both, [tuning_state, tuning_threshold], [tuning_plot, tuning_text, threshold], queue=False,
+                  api_visibility="private")
+
+        if EXAMPLES:
+            records = [example["record"] for example in EXAMPLES]
+            with examples_slot:
+                gr.Examples(
+                    [[r["prompt"], r["preset"], r["config"]["threshold"], r["seed"]] for r in records],
+                    inputs=[controls["prompt"], preset, threshold, controls["seed"]],
+                    outputs=example_outputs,
+                    fn=load_example,
+                    cache_examples=False,
+                    run_on_click=True,
+                    example_labels=[ui.example_label(r) for r in records],
+                    label="Examples (precomputed, load instantly)",
+                    elem_id="examples",
+                    api_visibility="private",
                 )
-                with gr.Row():
-                    num_inference_steps = field_number(label="Steps", precision=None, elem_id="steps")
-                    num_frames = field_number(label="Frames", precision=None, elem_id="frames")
-                with gr.Row():
-                    height = field_number(label="Height", precision=None, elem_id="height")
-                    width = field_number(label="Width", precision=None, elem_id="width")
-                guidance_scale = field_number(label="Guidance scale", elem_id="guidance")
-                with gr.Row():
-                    seed = field_number(label="Seed", precision=None, info="the seed used is shown here after a run",
-                                     elem_id="seed")
-                    randomize_seed = gr.Checkbox(False, label="Randomize seed")
-            examples_slot = gr.Column()  # filled below, once the outputs the examples fill exist
 
-        with gr.Column(scale=2):
-            with gr.Tabs():
-                with gr.Tab("Comparison") as comparison_tab:
-                    with gr.Row(equal_height=True, elem_classes=["video-pair"]):
-                        baseline_video = gr.Video(label="Uncached", autoplay=True, loop=True, buttons=["download"],
-                                                  interactive=False, elem_id="baseline-video")
-                        bwcache_video = gr.Video(label="BWCache", autoplay=True, loop=True, buttons=["download"],
-                                                 interactive=False, elem_id="bwcache-video")
-                        peer_video = gr.Video(label="Peer cache", autoplay=True, loop=True, buttons=["download"],
-                                              interactive=False, visible=False, elem_id="peer-video")
-                    summary = gr.Markdown("Press **Run** or pick an example below.", label="Summary", elem_id="summary")
-                    with gr.Row():
-                        view = gr.Radio([(label, key) for key, label in ui.HEATMAP_VIEWS.items()], value="uncached",
-                                        label="Heatmap", scale=3, elem_id="heatmap-view")
-                        branch = gr.Dropdown([], label="CFG branch", scale=1, elem_id="branch")
-                        log_color = gr.Checkbox(False, label="Log colour", scale=1, elem_id="log-colour")
-                    heatmap = gr.Plot(label="Block × step distances and reuse", elem_id="heatmap")
-                    with gr.Accordion("Downloads and run record", open=False):
-                        downloads = gr.File(label="Files of this run", file_count="multiple", interactive=False)
-                        record_json = gr.JSON(label="Run record")
-                with gr.Tab("Threshold tuning", elem_id="tuning-tab") as tuning_tab:
-                    gr.Markdown(
-                        "What each δ would do in the last run's mode, from its uncached run's distance map: the "
-                        "share of block evaluations reused and the speedup if skipped blocks saved their share of "
-                        "the time. Paper mode is predicted exactly (before its trigger a cached run computes what the "
-                        "uncached run did). Block-wise mode is estimated: a reuse changes every later input, so only "
-                        "its first reuse is exact. Measured runs are marked. Move δ or type it to update."
-                    )
-                    tuning_text = gr.Markdown(elem_id="tuning-text")
-                    tuning_plot = gr.Plot(label="δ → reuse and speedup", elem_id="tuning-plot")
-                with gr.Tab("Sweep") as sweep_tab:
-                    gr.Markdown("Measured, not predicted: one uncached run, then the cached pipeline at each δ.")
-                    with gr.Row():
-                        thresholds = gr.Textbox(DEFAULT_SWEEP, label="δ values", info="comma-separated, 0 to 1",
-                                                scale=3)
-                        sweep_button = gr.Button("Sweep", scale=1, elem_id="sweep-button")
-                    sweep_plot = gr.Plot(label="Speed vs fidelity")
-                    sweep_table = gr.Dataframe(headers=ui.SWEEP_HEADERS, interactive=False, label="Per δ")
-                    sweep_file = gr.File(label="Sweep CSV", interactive=False)
+    demo.queue(max_size=int(os.environ.get("BWCACHE_MAX_QUEUE", "16")))
+    return demo
 
-    run_state = gr.State()
-    tuning_state = gr.State()
 
-    form = [prompt, negative_prompt, threshold, reuse_interval, tail_fraction, mode, indicator_feature,
-            num_inference_steps, num_frames, height, width, guidance_scale, seed, profile, extrapolation, notes]
-    profile_form = [threshold, reuse_interval, tail_fraction, mode, indicator_feature, extrapolation, profile]
-    settings_inputs = [negative_prompt, reuse_interval, tail_fraction, mode, num_inference_steps, num_frames, height,
-                       width, guidance_scale]
-    run_outputs = [baseline_video, bwcache_video, heatmap, summary, record_json, seed, peer_video, downloads,
-                   run_state]
-    example_outputs = run_outputs + [c for c in form if c not in run_outputs]
-
-    threshold.change(lambda value: value, threshold, threshold_value, queue=False, api_visibility="private")
-    # Controls start empty so that API calls which leave them out get the preset's defaults; the page fills them.
-    demo.load(fill_preset, preset, form, queue=False, api_visibility="private")
-    # `input`, not `change`: examples set the preset themselves, together with their own settings.
-    preset.input(fill_preset, preset, form, queue=False, api_visibility="private")
-    profile.input(fill_profile, [preset, profile], profile_form, queue=False, api_visibility="private")
-
-    # A new run clears the last one's results, so that an error does not leave them on screen as if current.
-    run.click(lambda: (None, None, "", None), None, [baseline_video, bwcache_video, summary, heatmap], queue=False,
-              api_visibility="private")
-    run.click(
-        cancellable(compare),
-        [prompt, preset, threshold_value, seed, *settings_inputs, randomize_seed, compare_with, indicator_feature,
-         profile, extrapolation],
-        run_outputs,
-        api_name="compare",
-        concurrency_limit=1,
-        concurrency_id="gpu",
-    )
-    run_state.change(
-        show_run,
-        [run_state, view, branch, log_color, threshold],
-        [heatmap, branch, peer_video, tuning_state, tuning_plot, tuning_text],
-        queue=False,
-        api_visibility="private",
-    )
-    for control in (view, branch, log_color):
-        control.input(redraw, [run_state, view, branch, log_color], heatmap, queue=False, api_visibility="private")
-    # Typing in δ's box fires `input` at every keystroke (and Enter changes nothing more), dragging fires it as the
-    # slider moves: the view follows both, the last value always drawn. `release` covers the box losing focus, where
-    # the slider clamps what was typed to its range.
-    threshold.input(retune, [tuning_state, threshold], [tuning_plot, tuning_text], queue=False,
-                    trigger_mode="always_last", api_visibility="private")
-    threshold.release(retune, [tuning_state, threshold], [tuning_plot, tuning_text], queue=False,
-                      api_visibility="private")
-    # A plot drawn while its tab is hidden (a run or sweep finishing while another tab shows) has no width to fit:
-    # Plotly sizes it to a default. Gradio's plots resize with the window, so a resize once the tab shows fits it.
-    for tab in (comparison_tab, tuning_tab, sweep_tab):
-        tab.select(None, None, None, js=REFIT_PLOTS, queue=False, api_visibility="private")
-    sweep_button.click(
-        cancellable(sweep),
-        [prompt, preset, thresholds, seed, *settings_inputs, indicator_feature, profile, extrapolation],
-        [sweep_plot, sweep_table, sweep_file, tuning_state],
-        api_name="sweep",
-        concurrency_limit=1,
-        concurrency_id="gpu",
-    ).success(retune, [tuning_state, threshold], [tuning_plot, tuning_text], queue=False, api_visibility="private")
-
-    if EXAMPLES:
-        records = [example["record"] for example in EXAMPLES]
-        with examples_slot:
-            gr.Examples(
-                [[r["prompt"], r["preset"], r["config"]["threshold"], r["seed"]] for r in records],
-                inputs=[prompt, preset, threshold, seed],
-                outputs=example_outputs,
-                fn=load_example,
-                cache_examples=False,
-                run_on_click=True,
-                example_labels=[ui.example_label(r) for r in records],
-                label="Examples (precomputed, load instantly)",
-                elem_id="examples",
-                api_visibility="private",
-            )
-
-demo.queue(max_size=int(os.environ.get("BWCACHE_MAX_QUEUE", "16")))
+demo = build_demo()
 
 
 def launch(**overrides):

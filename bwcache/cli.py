@@ -10,22 +10,31 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .config import MODES
+from .config import CACHE_SETTINGS
 from .parallel import KINDS, init_distributed, is_main_process
 from .pipelines import PipelineUnavailable
 from .report import OUTPUT_FILES
+from .settings import Setting, Settings
 
 
-def _reuse_interval(text: str):
-    if text == "auto":
-        return "auto"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer ≥ 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer ≥ 1, got {value}")
-    return value
+def _flag_type(setting: Setting):
+    """How a flag's text becomes a setting's value: a number, or for an integer its word for None too; the
+    setting's own range is checked with the app's checks, before any model work."""
+    if setting.kind == "number":
+        return float
+    if setting.kind == "choice":
+        return str
+
+    def integer(text: str):
+        if setting.none_word is not None and text == setting.none_word:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            word = f"'{setting.none_word}' or " if setting.none_word else ""
+            raise argparse.ArgumentTypeError(f"must be {word}an integer, got {text!r}") from None
+
+    return integer
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,27 +50,27 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
 
 
-def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_cache_arguments(parser: argparse.ArgumentParser, settings: Settings) -> None:
     parser.add_argument("--profile", help="the preset's cache profile: default, fast, … (the other cache options "
                         "change it)")
-    parser.add_argument("--reuse-interval", type=_reuse_interval, help="R: 'auto' (10%% of steps) or an integer")
-    parser.add_argument("--tail-fraction", type=float, help="paper mode tail fraction (0 to 1)")
-    parser.add_argument("--mode", choices=list(MODES))
-    parser.add_argument("--extrapolation", type=float,
-                        help="0 to 1: how far a reused residual moves along the line through its last two computed ones")
-    parser.add_argument("--indicator-feature", choices=["hidden_states", "modulated"],
-                        help="what distances are measured on: the blocks' hidden-states input (default) or their "
-                        "modulated attention input, as the official code does (paper mode)")
+    for setting in settings.form:
+        if setting.kind == "flag":
+            parser.add_argument(setting.flag, action=argparse.BooleanOptionalAction, help=setting.help)
+            continue
+        choices = list(setting.choices) if setting.kind == "choice" else None
+        word = f" ('{setting.none_word}' or a number)" if setting.none_word else ""
+        parser.add_argument(setting.flag, type=_flag_type(setting), choices=choices,
+                            help=f"{setting.label}{word}: {setting.help}".replace("%", "%%"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: Settings = CACHE_SETTINGS) -> argparse.ArgumentParser:
+    """The command line; its cache options are `settings`' (those the app's form offers)."""
     parser = argparse.ArgumentParser(prog="python -m bwcache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     compare = commands.add_parser("compare", help="run a prompt with and without BWCache and report the speedup")
     _add_generation_arguments(compare)
-    compare.add_argument("--threshold", type=float, help="δ (default: the preset's)")
-    _add_cache_arguments(compare)
+    _add_cache_arguments(compare, settings)
     from .cachedit import INSTALL_HINT
     from .peers import METHODS as PEER_METHODS
     from .peers import UNAVAILABLE as UNAVAILABLE_PEERS
@@ -126,19 +135,14 @@ def _preflight(args) -> None:
     if args.device:
         _check_device(args.device)
     from .runner import resolve_preset
-    from .ui import check_request
+    from .ui import check_request, request_fields
 
-    check_request(
-        resolve_preset(args.preset), prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-        threshold=args.threshold, reuse_interval=args.reuse_interval, tail_fraction=args.tail_fraction,
-        mode=args.mode, num_inference_steps=args.num_inference_steps, num_frames=args.num_frames,
-        height=args.height, width=args.width, guidance_scale=args.guidance_scale,
-        indicator_feature=args.indicator_feature, profile=args.profile, extrapolation=args.extrapolation,
-    )
+    preset = resolve_preset(args.preset)
+    return check_request(preset, **{name: getattr(args, name) for name in request_fields(preset) if hasattr(args, name)})
 
 
 def _compare(args) -> int:
-    _preflight(args)
+    request = _preflight(args)
     targets = []
     if args.json:
         targets.append(args.json)
@@ -153,29 +157,23 @@ def _compare(args) -> int:
                              "(cuda:LOCAL_RANK), or on the CPU where there is none.")
         args.device = init_distributed()
     try:
-        return _run_compare(args)
+        return _run_compare(args, request)
     finally:
         if args.context_parallel:
             dist.destroy_process_group()
 
 
-def _run_compare(args) -> int:
+def _run_compare(args, request: dict) -> int:
     from .report import save_comparison, summary_text
     from .runner import run_comparison
 
     main = is_main_process()
-    comparison = run_comparison(
-        preset=args.preset, prompt=args.prompt, seed=args.seed, threshold=args.threshold,
-        negative_prompt=args.negative_prompt, profile=args.profile, reuse_interval=args.reuse_interval,
-        tail_fraction=args.tail_fraction, mode=args.mode, indicator_feature=args.indicator_feature,
-        extrapolation=args.extrapolation, num_inference_steps=args.num_inference_steps, num_frames=args.num_frames,
-        height=args.height, width=args.width, guidance_scale=args.guidance_scale, device=args.device,
-        compare_with=args.compare_with, progress=_terminal_progress if main else None,
-        context_parallel=args.context_parallel,
-    )
+    progress = ProgressLines(sys.stderr) if main else None
+    comparison = run_comparison(args.preset, device=args.device, compare_with=args.compare_with, progress=progress,
+                                context_parallel=args.context_parallel, **request)
     if not main:
         return 0
-    print(file=sys.stderr)
+    progress.close()
     print(summary_text(comparison.record))
     if args.out_dir:
         paths = save_comparison(comparison, args.out_dir, overwrite=args.overwrite)
@@ -187,8 +185,27 @@ def _run_compare(args) -> int:
     return 0
 
 
-def _terminal_progress(fraction: float, description: str) -> None:
-    print(f"\r[{fraction:6.1%}] {description:<40}", end="", file=sys.stderr, flush=True)
+class ProgressLines:
+    """Progress for a terminal, one line redrawn in place; for a log file or a pipe, plain lines, one per whole
+    percent at most, which stay readable there."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.in_place = stream.isatty()
+        self.last = None
+
+    def __call__(self, fraction: float, description: str) -> None:
+        if self.in_place:
+            print(f"\r[{fraction:6.1%}] {description:<40}", end="", file=self.stream, flush=True)
+            return
+        percent = int(fraction * 100)
+        if percent != self.last:
+            self.last = percent
+            print(f"[{fraction:6.1%}] {description}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.in_place:
+            print(file=self.stream)
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,5 @@
-"""`BWCacheConfig`: every knob of the cache, validated when the config is built."""
+"""`BWCacheConfig`: every knob of the cache, each described once (`bwcache.settings`) and checked when the config is
+built."""
 
 from __future__ import annotations
 
@@ -9,15 +10,12 @@ from typing import Sequence
 
 import torch
 
+from .settings import setting, settings_of
+
 MODES = ("paper", "blockwise", "static")
 INDICATOR_FEATURES = ("hidden_states", "modulated")
 TAIL_RULES = ("guarded", "official")
-INDICATOR_BLOCK_PRESETS = ("all", "every_other")
 CACHE_DTYPES = ("bfloat16", "float16")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -89,78 +87,65 @@ class BWCacheConfig:
             activations. Allowed: `None`, `"bfloat16"`, `"float16"` (or the matching `torch.dtype`).
     """
 
-    threshold: float = 0.15
-    reuse_interval: int | None = None
-    tail_fraction: float = 0.5
-    paper_tail_steps: int | None = None
-    tail_rule: str = "guarded"
-    mode: str = "paper"
-    num_inference_steps: int | None = None
-    indicator_blocks: str | Sequence[int] | None = None
-    indicator_feature: str = "hidden_states"
-    indicator_token_stride: int = 1
-    record_trace: bool = True
-    warmup_steps: int = 2
-    tail_steps: int = 1
-    accumulate_distance: bool = False
-    extrapolation: float = 0.0
-    cache_dtype: str | None = None
+    threshold: float = setting(
+        0.15, "number", "δ (threshold)", "higher = more reuse, faster, lower fidelity",
+        low=0.0, form="main", form_high=1.0, step=0.005, widget="slider")
+    reuse_interval: int | None = setting(
+        None, "integer", "R (reuse interval)", 'at most this many reused steps in a row; "auto": 10% of the steps',
+        low=1, optional=True, none_word="auto", form="advanced")
+    tail_fraction: float = setting(
+        0.5, "number", "Tail fraction", "paper mode: share of the trigger step always computed at the end",
+        low=0.0, high=1.0, form="advanced", step=0.05)
+    paper_tail_steps: int | None = setting(
+        None, "integer", "Paper tail steps", "paper mode: an absolute number of last steps computed after a trigger",
+        low=1, optional=True)
+    tail_rule: str = setting(
+        "guarded", "choice", "Tail rule", "paper mode: how the tail is applied (official: as the official code)",
+        choices=TAIL_RULES)
+    mode: str = setting(
+        "paper", "choice", "Mode",
+        "paper: one indicator per step; blockwise: each block decides; static: block-wise mode's schedule without "
+        "the indicator", choices=MODES, form="advanced")
+    num_inference_steps: int | None = setting(
+        None, "integer", "Steps", "the denoising steps (read from the pipeline when unset)",
+        low=1, optional=True, preset=False)
+    indicator_blocks: str | Sequence[int] | None = setting(
+        None, "blocks", "Indicator blocks", 'blocks feeding the indicator: all, "every_other" or indices')
+    indicator_feature: str = setting(
+        "hidden_states", "choice", "Indicator feature", "what each block's distance is measured on",
+        choices=INDICATOR_FEATURES, form="advanced", choice_labels={
+            "hidden_states": "hidden-states input (paper Eq. 5)",
+            "modulated": "modulated attention input, as the official code measures it (paper mode)"})
+    indicator_token_stride: int = setting(
+        1, "integer", "Token stride", "measure distances on every n-th token", low=1)
+    record_trace: bool = setting(True, "flag", "Record trace", "record every distance and decision", preset=False)
+    warmup_steps: int = setting(
+        2, "integer", "Warm-up steps", "block-wise and static modes: the first steps always computed",
+        low=0, form="advanced")
+    tail_steps: int = setting(
+        1, "integer", "Tail steps", "block-wise and static modes: the last steps always computed",
+        low=0, form="advanced")
+    accumulate_distance: bool = setting(
+        False, "flag", "Accumulate distance", "block-wise mode: decide on the sum of step-to-step distances")
+    extrapolation: float = setting(
+        0.0, "number", "Extrapolation",
+        "0 to 1. 0: a reused residual is added unchanged; 1: moved along the line through its last two computed ones",
+        low=0.0, high=1.0, form="advanced", step=0.05)
+    cache_dtype: str | None = setting(
+        None, "choice", "Cache dtype", "store cached tensors narrower than the model's dtype",
+        choices=CACHE_DTYPES, optional=True)
 
     def __post_init__(self):
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise ValueError(f"threshold must be a number ≥ 0, got {self.threshold!r}.")
-        if not math.isfinite(self.threshold) or self.threshold < 0:
-            raise ValueError(f"threshold must be a finite number ≥ 0, got {self.threshold!r}.")
-        self.threshold = float(self.threshold)
-        if self.reuse_interval is not None and (not _is_int(self.reuse_interval) or self.reuse_interval < 1):
-            raise ValueError(f"reuse_interval must be an integer ≥ 1 or None, got {self.reuse_interval!r}.")
-        if (
-            isinstance(self.tail_fraction, bool)
-            or not isinstance(self.tail_fraction, (int, float))
-            or not 0.0 <= self.tail_fraction <= 1.0
-        ):
-            raise ValueError(f"tail_fraction must be between 0 and 1, got {self.tail_fraction!r}.")
-        self.tail_fraction = float(self.tail_fraction)
-        if self.paper_tail_steps is not None and (not _is_int(self.paper_tail_steps) or self.paper_tail_steps < 1):
-            raise ValueError(f"paper_tail_steps must be an integer ≥ 1 or None, got {self.paper_tail_steps!r}.")
-        if self.tail_rule not in TAIL_RULES:
-            raise ValueError(f"tail_rule must be one of {TAIL_RULES}, got {self.tail_rule!r}.")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
-        if self.indicator_feature not in INDICATOR_FEATURES:
-            raise ValueError(f"indicator_feature must be one of {INDICATOR_FEATURES}, got {self.indicator_feature!r}.")
+        if isinstance(self.cache_dtype, torch.dtype):
+            self.cache_dtype = str(self.cache_dtype).removeprefix("torch.")
+        for described in settings_of(type(self)):
+            setattr(self, described.name, described.check(getattr(self, described.name)))
         if self.indicator_feature == "modulated" and self.mode != "paper":
             raise ValueError(
                 "indicator_feature='modulated' works in paper mode only: the modulated input exists inside a block, "
                 "and block-wise mode decides whether to run a block before it runs. Use mode='paper', or "
                 "indicator_feature='hidden_states'."
             )
-        if self.num_inference_steps is not None and (
-            not _is_int(self.num_inference_steps) or self.num_inference_steps < 1
-        ):
-            raise ValueError(f"num_inference_steps must be an integer ≥ 1 or None, got {self.num_inference_steps!r}.")
-        self.indicator_blocks = _normalise_indicator_blocks(self.indicator_blocks)
-        if not _is_int(self.indicator_token_stride) or self.indicator_token_stride < 1:
-            raise ValueError(f"indicator_token_stride must be an integer ≥ 1, got {self.indicator_token_stride!r}.")
-        if not isinstance(self.record_trace, bool):
-            raise ValueError(f"record_trace must be True or False, got {self.record_trace!r}.")
-        for name in ("warmup_steps", "tail_steps"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"{name} must be an integer ≥ 0, got {value!r}.")
-        if not isinstance(self.accumulate_distance, bool):
-            raise ValueError(f"accumulate_distance must be True or False, got {self.accumulate_distance!r}.")
-        if (
-            isinstance(self.extrapolation, bool)
-            or not isinstance(self.extrapolation, (int, float))
-            or not 0.0 <= self.extrapolation <= 1.0
-        ):
-            raise ValueError(f"extrapolation must be between 0 and 1, got {self.extrapolation!r}.")
-        self.extrapolation = float(self.extrapolation)
-        if isinstance(self.cache_dtype, torch.dtype):
-            self.cache_dtype = str(self.cache_dtype).removeprefix("torch.")
-        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
-            raise ValueError(f"cache_dtype must be None or one of {CACHE_DTYPES}, got {self.cache_dtype!r}.")
 
     def resolved_reuse_interval(self, num_steps: int) -> int:
         """R for a run of `num_steps` steps."""
@@ -222,21 +207,5 @@ class BWCacheConfig:
         return cls(**data)
 
 
-def _normalise_indicator_blocks(spec):
-    if spec is None or spec in INDICATOR_BLOCK_PRESETS:
-        return spec
-    if isinstance(spec, str):
-        raise ValueError(
-            f"indicator_blocks must be None, one of {INDICATOR_BLOCK_PRESETS} or a sequence of block indices, "
-            f"got {spec!r}."
-        )
-    try:
-        indices = tuple(spec)
-    except TypeError:
-        raise ValueError(
-            f"indicator_blocks must be None, one of {INDICATOR_BLOCK_PRESETS} or a sequence of block indices, "
-            f"got {spec!r}."
-        ) from None
-    if not indices or not all(_is_int(i) for i in indices):
-        raise ValueError(f"indicator_blocks must be a non-empty sequence of integer block indices, got {spec!r}.")
-    return indices
+# `BWCacheConfig`'s described settings: what the app, its API, the command line and the presets offer.
+CACHE_SETTINGS = settings_of(BWCacheConfig)

@@ -404,11 +404,13 @@ def tuning_figure(
     fig.update_yaxes(title_text="reuse fraction", tickformat=".0%", rangemode="tozero", secondary_y=False)
     fig.update_yaxes(title_text=f"{kind} speedup (×)", rangemode="tozero", secondary_y=True)
     title = f"Threshold tuning ({'estimated' if estimated else 'predicted exactly'} for {mode} mode)"
+    # The legend goes under the plot: above it, the chosen δ's label sits on the top edge.
     fig.update_layout(
         title=dict(text=title),
         template="plotly_white",
-        height=380,
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+        height=420,
+        margin=dict(b=110),
+        legend=dict(orientation="h", yanchor="top", y=-0.22, xanchor="center", x=0.5),
     )
     return fig
 

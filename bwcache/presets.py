@@ -10,12 +10,9 @@ Schema (every key required; ``hub_id``, ``pipeline_class`` and
               num_frames: [min, max, rule]   rule = an int multiple or "Nk+r" (e.g. "4k+1")
               num_inference_steps, guidance_scale: [min, max]
               prompt_max_chars: int
-    bwcache:  threshold, reuse_interval, tail_fraction, mode, indicator_blocks
-              (indicator_blocks: null = all blocks, "every_other" = blocks 0, 2, 4, ...
-               as the paper's ~50% subset for memory-heavy models, or a list of indices;
-               the cache library resolves it); optionally the block-wise guards
-              warmup_steps, tail_steps, accumulate_distance and indicator_token_stride,
-              and cache_dtype (storage dtype of the cached tensors)
+    bwcache:  the model's default cache settings: any of `BWCacheConfig`'s described settings that a preset
+              may set (`CACHE_SETTINGS.preset_names`: threshold, reuse_interval, mode, warmup_steps, ...);
+              those left out take the config's defaults
     profiles (optional): named alternatives to the default cache settings; the shipped presets name "fast":
               {"fast": {"note": "...", "bwcache": {keys of bwcache to change}}}
               (the default profile, "default", is the bwcache section itself)
@@ -36,7 +33,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import resources
-from .config import BWCacheConfig
+from .config import CACHE_SETTINGS
+from .settings import Settings, is_int as _is_int
 
 __all__ = [
     "PRESETS_DIR",
@@ -63,16 +61,9 @@ _DEFAULT_KEYS = (
     "num_inference_steps", "guidance_scale", "fps", "seed",
 )
 _LIMIT_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "prompt_max_chars")
-_BWCACHE_KEYS = ("threshold", "reuse_interval", "tail_fraction", "mode", "indicator_blocks")
-_BWCACHE_OPTIONAL_KEYS = ("warmup_steps", "tail_steps", "accumulate_distance", "indicator_token_stride", "cache_dtype",
-                          "indicator_feature", "tail_rule", "paper_tail_steps", "extrapolation")
 DEFAULT_PROFILE = "default"
 
 _RULE_RE = re.compile(r"^\s*(\d+)\s*k\s*(?:\+\s*(\d+))?\s*$")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v: Any) -> bool:
@@ -137,11 +128,14 @@ class Preset:
     recommended_gpu_memory_gb: float | None
     notes: str
     path: Path | None = field(default=None, compare=False)
+    # The cache settings its `bwcache` section and profiles were checked against, and build configs with.
+    settings: Settings = field(default=CACHE_SETTINGS, compare=False, hash=False, repr=False)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>", path: Path | None = None) -> "Preset":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>", path: Path | None = None,
+                  settings: Settings = CACHE_SETTINGS) -> "Preset":
         """Build and check a preset; ValueError names ``source`` and the offending key."""
-        _check_schema(data, source)
+        _check_schema(data, source, settings)
         preset = cls(
             name=data["name"],
             label=data["label"],
@@ -156,6 +150,7 @@ class Preset:
             recommended_gpu_memory_gb=data["recommended_gpu_memory_gb"],
             notes=data["notes"],
             path=path,
+            settings=settings,
         )
         try:
             preset.validate_request(**{k: data["defaults"][k] for k in _REQUEST_FIELDS})
@@ -267,7 +262,7 @@ def _need_int(fname: str, value: Any) -> int:
     raise ValueError(f"{fname} must be a whole number, got {value!r}")
 
 
-def _check_schema(data: Any, source: str) -> None:
+def _check_schema(data: Any, source: str, settings: Settings) -> None:
     def fail(msg: str) -> None:
         raise ValueError(f"{source}: {msg}")
 
@@ -290,7 +285,7 @@ def _check_schema(data: Any, source: str) -> None:
     if mem is not None and (not _is_number(mem) or mem < 0):
         fail("recommended_gpu_memory_gb must be a number >= 0 or null")
 
-    for section, keys in (("defaults", _DEFAULT_KEYS), ("limits", _LIMIT_KEYS), ("bwcache", _BWCACHE_KEYS)):
+    for section, keys in (("defaults", _DEFAULT_KEYS), ("limits", _LIMIT_KEYS), ("bwcache", ())):
         sec = data[section]
         if not isinstance(sec, Mapping):
             fail(f"{section!r} must be an object")
@@ -333,15 +328,19 @@ def _check_schema(data: Any, source: str) -> None:
         fail("limits.prompt_max_chars must be an integer >= 1")
 
     b = data["bwcache"]
-    # The cache library validates its own settings (names, allowed ranges); presets only add the known keys.
-    unknown = sorted(set(b) - set(_BWCACHE_KEYS) - set(_BWCACHE_OPTIONAL_KEYS))
-    if unknown:
-        fail(f"unknown bwcache key(s) {unknown}; allowed: {list(_BWCACHE_KEYS + _BWCACHE_OPTIONAL_KEYS)}")
-    try:
-        BWCacheConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in b.items()})
-    except ValueError as exc:
-        fail(f"bwcache: {exc}")
+    # The cache settings check themselves (names, allowed ranges); a preset may set those a model has defaults for.
+    allowed = settings.preset_names
 
+    def check_cache(values: Mapping, where: str) -> None:
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            fail(f"{where}unknown bwcache key(s) {unknown}; allowed: {list(allowed)}")
+        try:
+            settings.make({k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
+        except ValueError as exc:
+            fail(f"{where or 'bwcache: '}{exc}")
+
+    check_cache(b, "")
     profiles = data.get("profiles", {})
     if not isinstance(profiles, Mapping):
         fail("'profiles' must be an object")
@@ -352,22 +351,18 @@ def _check_schema(data: Any, source: str) -> None:
             fail(f"profiles.{name} must be an object with exactly the keys 'note' and 'bwcache'")
         if not isinstance(profile["note"], str) or not isinstance(profile["bwcache"], Mapping):
             fail(f"profiles.{name}: 'note' must be a string and 'bwcache' an object")
-        unknown = sorted(set(profile["bwcache"]) - set(_BWCACHE_KEYS) - set(_BWCACHE_OPTIONAL_KEYS))
+        unknown = sorted(set(profile["bwcache"]) - set(allowed))
         if unknown:
             fail(f"profiles.{name}: unknown bwcache key(s) {unknown}")
-        merged = {**b, **profile["bwcache"]}
-        try:
-            BWCacheConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in merged.items()})
-        except ValueError as exc:
-            fail(f"profiles.{name}: {exc}")
+        check_cache({**b, **profile["bwcache"]}, f"profiles.{name}: ")
 
 
-def _read(path: Path) -> Preset:
+def _read(path: Path, settings: Settings = CACHE_SETTINGS) -> Preset:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    return Preset.from_dict(data, source=str(path), path=path)
+    return Preset.from_dict(data, source=str(path), path=path, settings=settings)
 
 
 def _preset_files(directory: Path) -> list[Path]:
@@ -389,19 +384,21 @@ def preset_names(directory: str | Path | None = None) -> list[str]:
     return [p.name for p in list_presets(directory)]
 
 
-def load_preset(name_or_path: str | Path, directory: str | Path | None = None) -> Preset:
+def load_preset(name_or_path: str | Path, directory: str | Path | None = None,
+                settings: Settings = CACHE_SETTINGS) -> Preset:
     """A preset by name (``presets/<name>.json``, or any preset whose ``name`` matches)
-    or by path to a JSON file. Unknown names raise ValueError listing the available ones."""
+    or by path to a JSON file, checked against `settings`. Unknown names raise ValueError listing the available
+    ones."""
     directory = PRESETS_DIR if directory is None else Path(directory)
     candidate = Path(name_or_path)
     if candidate.suffix == ".json" or candidate.parent != Path("."):
         if not candidate.is_file():
             raise ValueError(f"preset file not found: {candidate}")
-        return _read(candidate)
+        return _read(candidate, settings)
     name = str(name_or_path)
     direct = directory / f"{name}.json"
     if direct.is_file():
-        return _read(direct)
+        return _read(direct, settings)
     presets = list_presets(directory)
     for p in presets:
         if p.name == name:

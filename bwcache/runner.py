@@ -7,6 +7,7 @@ run), then the timed uncached run with no hooks at all, then the timed cached ru
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,14 +21,14 @@ from diffusers.hooks.hooks import HookRegistry, ModelHook
 from . import __name__ as _package
 from . import parallel, peers
 from .blocks import find_blocks
-from .config import BWCacheConfig
+from .config import CACHE_SETTINGS, BWCacheConfig
 from .apply import cached
 from .clock import denoisers
 from .metrics import compare_videos
 from .pipelines import call_kwargs, default_device, device_name, get_pipeline
-from .presets import Preset, load_preset
+from .presets import DEFAULT_PROFILE, Preset, load_preset
 from .resources import package_version
-from .schedule import largest_decision_distance, schedule_for
+from .tuning import ideal_speedup
 from .trace import reuse_fraction
 
 Progress = Callable[[float, str], None]
@@ -35,7 +36,8 @@ PEERS_UNDER_CONTEXT_PARALLEL = (
     "--compare-with cannot run under context parallelism: the peer caches decide on each process's own shard, so "
     "processes would disagree and wait on each other forever."
 )
-AUTO = "auto"
+# How R says "10% of the steps" in forms and flags.
+AUTO = CACHE_SETTINGS["reuse_interval"].none_word
 
 # Fields a request may set, with the preset's defaults filling the rest.
 SETTING_KEYS = ("prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale")
@@ -79,14 +81,29 @@ def resolve_settings(preset: Preset, **overrides) -> dict:
 
 
 def resolve_config(preset: Preset, num_steps: int, profile: str | None = None, **overrides) -> BWCacheConfig:
-    """The BWCache settings of one of the preset's profiles (its default when None) with overrides;
-    `reuse_interval="auto"` means 10% of the steps."""
+    """The cache settings of one of the preset's profiles (its default when None) with overrides, as a config for
+    `num_steps` steps; an override may say a setting's `none_word` (`reuse_interval="auto"`: 10% of the steps)."""
     values = preset.profile_settings(profile)
-    values.update({key: value for key, value in overrides.items() if value is not None})
-    if values.get("reuse_interval") == AUTO:
-        values["reuse_interval"] = None
+    for name, value in overrides.items():
+        if value is not None:
+            values[name] = preset.settings[name].resolve(value) if name in preset.settings else value
     values["num_inference_steps"] = num_steps
-    return BWCacheConfig(**values)
+    return preset.settings.make(values)
+
+
+def resolve_run(preset: Preset, prompt=None, seed=None, config: BWCacheConfig | None = None,
+                profile: str | None = None, **overrides) -> tuple[dict, BWCacheConfig]:
+    """The generation settings and the cache config of a run: the preset's defaults, changed by `overrides`
+    (generation settings by their names in `SETTING_KEYS`, cache settings by theirs), or `config` as given."""
+    generation = {key: overrides.pop(key) for key in SETTING_KEYS if key in overrides}
+    settings = resolve_settings(preset, prompt=prompt, seed=seed, **generation)
+    if config is None:
+        return settings, resolve_config(preset, settings["num_inference_steps"], profile=profile, **overrides)
+    if profile is not None or any(value is not None for value in overrides.values()):
+        raise ValueError("Give a config, or a profile and the cache settings that change it, not both.")
+    if not isinstance(config, BWCacheConfig):
+        raise TypeError(f"config must be a BWCacheConfig, got {type(config).__name__}.")
+    return settings, config
 
 
 def _synchronize(device: str) -> None:
@@ -241,43 +258,27 @@ def block_timer(transformer_or_pipeline, device: str) -> ForwardTimer:
     return ForwardTimer([spec.module for t in denoisers(transformer_or_pipeline) for spec in find_blocks(t)], device)
 
 
-def ideal_speedup(reuse_fraction: float, block_share: float | None) -> float | None:
-    """The speedup if skipping a share of block evaluations saved exactly that share of block time."""
-    if block_share is None:
-        return None
-    return 1.0 / max(1e-9, 1.0 - reuse_fraction * min(1.0, block_share))
-
-
 def run_comparison(
     preset: str | Preset = "tiny-shapes",
     prompt: str | None = None,
     seed: int | None = None,
-    threshold: float | None = None,
     *,
-    negative_prompt: str | None = None,
+    config: BWCacheConfig | None = None,
     profile: str | None = None,
-    reuse_interval: int | str | None = None,
-    tail_fraction: float | None = None,
-    mode: str | None = None,
-    indicator_blocks=None,
-    indicator_feature: str | None = None,
-    extrapolation: float | None = None,
-    num_inference_steps: int | None = None,
-    num_frames: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    guidance_scale: float | None = None,
     compare_with: str | None = None,
     device: str | None = None,
     pipe=None,
     progress: Progress | None = None,
     context_parallel: str | None = None,
     cancel=None,
+    **overrides,
 ) -> Comparison:
     """Run `prompt` without and with BWCache on the preset's model and return the run record and both videos.
 
-    Arguments left as `None` take the preset's defaults; the cache settings come from the preset's `profile`
-    (`preset.profile_names`; its default when None), with any cache argument given changing it. `compare_with` names a peer cache (`bwcache.peers.METHODS`)
+    `overrides` change the preset's generation settings (`SETTING_KEYS`: `num_inference_steps=`, `height=`, ...)
+    and its cache settings (`bwcache.config.CACHE_SETTINGS`: `threshold=`, `mode=`, ...); those left out, or None,
+    take the preset's defaults, the cache settings those of its `profile` (`preset.profile_names`; its default when
+    None). `config` gives the cache config whole instead. `compare_with` names a peer cache (`bwcache.peers.METHODS`)
     to run on the same prompt and seed as well. `pipe` may pass an already built pipeline of the preset's class
     (tests use tiny random components); otherwise the preset's pipeline is loaded (once) on `device`.
     `context_parallel` (one of `bwcache.parallel.KINDS`) shards the denoisers over all processes of an initialised
@@ -285,15 +286,8 @@ def run_comparison(
     `cancel` (a `threading.Event`) stops the run at the end of the step under way once set: `RunCancelled`.
     """
     preset = resolve_preset(preset)
-    settings = resolve_settings(
-        preset, prompt=prompt, negative_prompt=negative_prompt, seed=seed, num_inference_steps=num_inference_steps,
-        num_frames=num_frames, height=height, width=width, guidance_scale=guidance_scale,
-    )
+    settings, config = resolve_run(preset, prompt, seed, config, profile, **overrides)
     steps = settings["num_inference_steps"]
-    config = resolve_config(
-        preset, steps, profile=profile, threshold=threshold, reuse_interval=reuse_interval, tail_fraction=tail_fraction, mode=mode,
-        indicator_blocks=indicator_blocks, indicator_feature=indicator_feature, extrapolation=extrapolation,
-    )
     if compare_with is not None:
         peers.check_method(compare_with)
     if context_parallel is not None:
@@ -355,7 +349,7 @@ def run_comparison(
         "block_share": block_share,
         "ideal_speedup": ideal_speedup(reuse_fraction(trace), block_share),
         "trigger_steps": {name: branch["trigger_step"] for name, branch in trace["branches"].items()},
-        "profile": profile or "default",
+        "profile": profile or DEFAULT_PROFILE,
         "config": config.to_dict(),
         "trace": trace,
         "baseline_trace": baseline_trace,
@@ -389,70 +383,40 @@ def check_prompt(pipe, preset: Preset, settings: dict) -> None:
         pipe.encode_prompt(settings["prompt"], settings["negative_prompt"], True)
 
 
-def tuning_curve(baseline_trace: dict, config: BWCacheConfig, thresholds=None, block_share: float | None = None):
-    """δ → trigger (block-wise: first reuse) step, reuse fraction and predicted speedup, from an uncached trace, for
-    the config's own mode: exact in paper and static mode, estimated in block-wise mode (`schedule_for`)."""
-    if thresholds is None:
-        if config.mode == "paper":
-            values = [v for branch in baseline_trace["branches"].values() for v in branch["indicator"] if v is not None]
-            top = max(values) if values else 0.0
-        else:
-            top = largest_decision_distance(baseline_trace, config)
-        top = top * 1.05 if top else 0.5
-        thresholds = np.unique(np.concatenate([np.linspace(0.0, top, 41), [config.threshold]]))
-    points = []
-    for delta in thresholds:
-        candidate = BWCacheConfig(**{**config.to_dict(), "threshold": float(delta)})
-        predicted = schedule_for(baseline_trace, candidate)
-        triggers = [b["trigger_step"] for b in predicted["branches"].values() if b["trigger_step"] is not None]
-        points.append(
-            {
-                "threshold": float(delta),
-                "trigger_step": min(triggers) if triggers else None,
-                "reuse_fraction": predicted["reuse_fraction"],
-                "predicted_speedup": ideal_speedup(predicted["reuse_fraction"], 1.0 if block_share is None else block_share),
-            }
-        )
-    return points
-
-
 def run_sweep(
     preset: str | Preset = "tiny-shapes",
     prompt: str | None = None,
     seed: int | None = None,
     thresholds=(0.05, 0.1, 0.15, 0.2, 0.3),
     *,
+    config: BWCacheConfig | None = None,
+    profile: str | None = None,
     device: str | None = None,
     pipe=None,
     progress: Progress | None = None,
     cancel=None,
     **overrides,
 ) -> dict:
-    """The cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ (the other
-    cache settings from the preset's `profile`, changed by any given)."""
+    """The cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ. The other
+    settings as `run_comparison` takes them (a given `threshold` is the sweep's to set)."""
     preset = resolve_preset(preset)
-    cache_keys = ("profile", "reuse_interval", "tail_fraction", "mode", "indicator_blocks", "indicator_feature",
-                  "extrapolation")
-    cache_overrides = {key: overrides.pop(key) for key in cache_keys if key in overrides}
-    settings = resolve_settings(preset, prompt=prompt, seed=seed, **overrides)
+    overrides.pop("threshold", None)
+    settings, base = resolve_run(preset, prompt, seed, config, profile, **overrides)
     steps = settings["num_inference_steps"]
     thresholds = [float(t) for t in thresholds]
-    for delta in thresholds:
-        resolve_config(preset, steps, threshold=delta, **cache_overrides)
+    configs = [dataclasses.replace(base, threshold=delta) for delta in thresholds]
     device = device or default_device()
     pipe = pipe if pipe is not None else get_pipeline(preset, device)
     check_prompt(pipe, preset, settings)
 
     names = ["warm-up", "uncached"] + [f"δ={t:g}" for t in thresholds]
     stages = _Stages(progress, names, steps, cancel)
-    feature = resolve_config(preset, steps, threshold=0.0, **cache_overrides).indicator_feature
     baseline_trace, _, block_share = _traced_warmup(
-        pipe, preset, settings, device, stages.reporter(0), indicator_feature=feature
+        pipe, preset, settings, device, stages.reporter(0), indicator_feature=base.indicator_feature
     )
     baseline_frames, baseline_seconds = generate(pipe, preset, settings, device, stages.reporter(1))
     rows = []
-    for k, delta in enumerate(thresholds):
-        config = resolve_config(preset, steps, threshold=delta, **cache_overrides)
+    for k, (delta, config) in enumerate(zip(thresholds, configs)):
         with cached(pipe, config) as handle:
             frames, seconds = generate(pipe, preset, settings, device, stages.reporter(k + 2))
         reuse = handle.trace.reuse_fraction

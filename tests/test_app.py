@@ -15,6 +15,7 @@ import torch
 
 import app
 from bwcache import ui
+from bwcache.config import CACHE_SETTINGS
 from bwcache import BWCacheConfig, estimate_blockwise_schedule
 from bwcache.report import SIDE_BY_SIDE_LABELS
 from bwcache.video import band_height, label_band, probe_video, read_video
@@ -85,7 +86,7 @@ def test_choosing_a_preset_fills_the_controls(name):
         pytest.skip(f"preset {name} not available")
     preset = app.PRESETS[name]
     updates = app.fill_preset(name)
-    values = dict(zip(app.FORM_KEYS, updates))
+    values = dict(zip(app.form_keys(), updates))
     assert values["prompt"]["value"] == preset.defaults["prompt"]
     assert values["threshold"]["value"] == preset.bwcache["threshold"]
     assert values["num_frames"]["value"] == preset.defaults["num_frames"]
@@ -133,7 +134,7 @@ def test_bad_input_is_a_clear_error_naming_the_field_and_range(wan_app, changes,
 
 
 def test_unknown_preset_is_a_clear_error():
-    with pytest.raises(gr.Error, match="Unknown preset 'nope'"):
+    with pytest.raises(gr.Error, match="Model preset must be one of .*, got 'nope'"):
         app.compare("a cat", "nope", 0.1, 0)
 
 
@@ -212,12 +213,18 @@ def test_left_out_settings_take_the_presets_defaults(wan_app):
 
 def test_show_run_fills_branches_heatmap_and_tuning(wan_run):
     record = wan_run[4]
-    figure, branch, peer, tuning, tuning_plot, text = app.show_run(record, "uncached", None, False, 0.2)
+    figure, branch, peer, tuning, tuning_plot, text, threshold = app.show_run(record, "uncached", None, False)
     assert branch["choices"] == ["cond", "uncond"] and branch["value"] == "cond"
     assert peer["visible"] is False
     assert figure.data[0].type == "heatmap"
     assert tuning["baseline_trace"] == record["baseline_trace"]
+    # The tuning view opens at the run's own δ, which its δ control takes.
+    delta = record["config"]["threshold"]
     chosen = [s for s in tuning_plot.layout.shapes if s.name == "chosen"]
+    assert chosen and chosen[0].x0 == pytest.approx(delta) and threshold == delta
+    assert text.startswith(f"At δ = {delta:g}:") and "predicted speedup" in text
+    figure, text = app.retune(tuning, 0.2)
+    chosen = [s for s in figure.layout.shapes if s.name == "chosen"]
     assert chosen and chosen[0].x0 == pytest.approx(0.2)
     assert text.startswith("At δ = 0.2:") and "predicted speedup" in text
 
@@ -321,14 +328,13 @@ def test_sweep_returns_figure_table_and_csv(wan_app):
     assert plot.data[-1].name == "measured reuse fraction" and list(plot.data[-1].x) == [0.1, 0.3]
 
 
-@pytest.mark.skipif(not app.PEERS_SUPPORTED, reason="this bwcache has no peer comparison")
 def test_compare_against_a_peer_cache_adds_its_video(wan_app):
     out = app.compare("a cat", WAN, 0.15, 1, **WAN_SMALL, compare_with="fbc")
     peer_path, record = out[6], out[4]
     assert probe_video(peer_path)["codec"] == "h264"
     assert record["peer"]["method"] == "fbc" and "FirstBlockCache" in out[3]
     assert any(f.endswith("peer.mp4") for f in out[7])
-    assert app.show_run(record, "uncached", None, False, 0.15)[2] == {"__type__": "update", "visible": True,
+    assert app.show_run(record, "uncached", None, False)[2] == {"__type__": "update", "visible": True,
                                                                        "label": "FirstBlockCache"}
 
 
@@ -360,15 +366,17 @@ def test_tiny_preset_rejects_unknown_words():
 def test_examples_load_instantly_from_their_files():
     if not app.EXAMPLES:
         pytest.skip("no precomputed examples in assets/examples (scripts/make_examples.py)")
+    # The outputs the page's examples fill (the example's own inputs are set by an event of the same name).
+    example_outputs = max((fn.outputs for fn in app.demo.fns.values() if fn.name == "load_example"), key=len)
     for example in app.EXAMPLES:
         record = example["record"]
         out = app.load_example(record["prompt"], record["preset"], record["config"]["threshold"], record["seed"])
-        assert len(out) == len(app.example_outputs)
+        assert len(out) == len(example_outputs)
         assert Path(out[0]).is_file() and Path(out[1]).is_file() and probe_video(out[0])["codec"] == "h264"
         assert out[2].data[0].type == "heatmap" and "Precomputed example" in out[3] and out[4] == record
         assert all(Path(p).is_relative_to(app.EXAMPLES_DIR) for p in out[7])
         # The controls show the example's own settings, so Run reproduces it.
-        form = dict(zip([key for key in app.FORM_KEYS if key != "seed"] + ["notes"], out[9:]))
+        form = dict(zip([key for key in app.form_keys() if key != "seed"] + ["notes"], out[9:]))
         assert form["mode"]["value"] == record["config"]["mode"]
         assert form["num_inference_steps"]["value"] == record["settings"]["num_inference_steps"]
         assert form["threshold"]["value"] == record["config"]["threshold"]
@@ -437,10 +445,11 @@ def test_launch_honours_server_environment(monkeypatch, env, expected):
 def test_parsers():
     assert ui.parse_thresholds("0.2, 0.05 0.1;0.2") == [0.05, 0.1, 0.2]
     assert ui.parse_thresholds([0.3, 0.1]) == [0.1, 0.3]
-    assert [ui.parse_reuse_interval(v) for v in (None, "", " Auto ", "3", 2, 4.0)] == [None, None, "auto", 3, 2, 4]
+    reuse_interval = CACHE_SETTINGS["reuse_interval"]
+    assert [reuse_interval.parse(v) for v in (None, "", " Auto ", "3", 2, 4.0)] == [None, None, "auto", 3, 2, 4]
     for bad in ("0", "-1", "2.5", True):
         with pytest.raises(ValueError, match="R \\(reuse interval\\)"):
-            ui.parse_reuse_interval(bad)
+            reuse_interval.parse(bad)
     assert ui.parse_peer("none") is None and ui.parse_peer(None) is None
     assert ui.check_seed(None) is None and ui.check_seed(5.0) == 5
     assert 0 <= ui.check_seed(5, randomize=True) < 2**32
@@ -467,7 +476,7 @@ def test_an_example_with_r_auto_reproduces_its_recorded_result(tmp_path, monkeyp
         pytest.skip("no precomputed example with R auto")
     record = example["record"]
     out = app.load_example(record["prompt"], record["preset"], record["config"]["threshold"], record["seed"])
-    form = dict(zip([key for key in app.FORM_KEYS if key != "seed"] + ["notes"], out[9:]))
+    form = dict(zip([key for key in app.form_keys() if key != "seed"] + ["notes"], out[9:]))
     assert form["reuse_interval"]["value"] == "auto"
     monkeypatch.setattr(app, "OUTPUT_ROOT", tmp_path)
     settings = {key: form[key]["value"] for key in ("negative_prompt", "reuse_interval", "tail_fraction", "mode",
@@ -479,7 +488,10 @@ def test_an_example_with_r_auto_reproduces_its_recorded_result(tmp_path, monkeyp
     assert rerun["config"]["reuse_interval"] is None
     for branch, trace in record["trace"]["branches"].items():
         assert rerun["trace"]["branches"][branch]["reused"] == trace["reused"], branch
-    assert rerun["psnr"] == pytest.approx(record["psnr"], abs=1e-6)
+    # The example was recorded on another CPU, whose kernels sum in another order: per-pixel differences of ~1e-6
+    # after 30 steps move the PSNR by ~1e-5 dB. 1e-3 dB allows a hundred times that, and is still far below what
+    # any changed decision would give.
+    assert rerun["psnr"] == pytest.approx(record["psnr"], abs=1e-3)
 
 
 def test_the_tiny_presets_note_says_where_it_runs_once():
@@ -495,13 +507,13 @@ def test_choosing_a_profile_fills_the_cache_controls_with_its_settings(name):
     if name not in app.PRESETS:
         pytest.skip(f"preset {name} not available")
     preset = app.PRESETS[name]
-    values = dict(zip(app.PROFILE_KEYS, app.fill_profile(name, "fast")))
+    values = dict(zip(app.profile_keys(), app.fill_profile(name, "fast")))
     fast = preset.profile_settings("fast")
     assert values["profile"]["value"] == "fast" and values["profile"]["choices"] == ["default", "fast"]
     assert values["threshold"]["value"] == fast["threshold"]
     assert values["extrapolation"]["value"] == fast.get("extrapolation", 0.0)
     assert values["profile"]["info"] == ui.profile_info(preset, "fast") and len(values["profile"]["info"]) > 20
-    back = dict(zip(app.PROFILE_KEYS, app.fill_profile(name, "default")))
+    back = dict(zip(app.profile_keys(), app.fill_profile(name, "default")))
     assert back["threshold"]["value"] == preset.bwcache["threshold"]
 
 

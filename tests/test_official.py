@@ -285,7 +285,7 @@ def test_the_app_refuses_bad_feature_settings():
     from bwcache.presets import load_preset
 
     preset = load_preset("tiny-shapes")
-    with pytest.raises(ValueError, match="indicator feature must be one of hidden_states, modulated"):
+    with pytest.raises(ValueError, match="Indicator feature must be one of hidden_states, modulated"):
         ui.check_request(preset, indicator_feature="attention")
     # The preset's default mode is block-wise, where the modulated input cannot decide.
     with pytest.raises(ValueError, match="paper mode only"):

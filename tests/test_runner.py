@@ -11,7 +11,8 @@ from bwcache.peers import METHODS, applicability, model_identifiers
 from bwcache.pipelines import PipelineUnavailable, call_kwargs, load_pipeline
 from bwcache.presets import load_preset
 from bwcache.report import save_comparison, summary_markdown, summary_text
-from bwcache.runner import resolve_config, run_comparison, run_sweep, tuning_curve
+from bwcache.runner import resolve_config, run_comparison, run_sweep
+from bwcache.tuning import tuning_curve
 from bwcache.video import probe_video
 from tiny_wan import build_prompt_wan_pipeline, small_preset
 

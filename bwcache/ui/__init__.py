@@ -1,0 +1,51 @@
+"""Pure helpers behind the comparison app, importable and testable without Gradio: presets as form values
+(`forms`), checks of what users send (`requests`), GPU budgets (`budget`), run folders and examples (`runs`), and
+run records shaped for the views (`views`)."""
+
+from .budget import GPU_OVERHEAD_SECONDS, GPU_SECONDS_PER_STEP, GPU_STEP_FLOOR, gpu_seconds, needs_gpu, oom_message
+from .forms import available_presets, default_preset_name, preset_form, preset_notes, profile_info
+from .requests import (
+    MAX_SWEEP_POINTS,
+    NEGATIVE_PROMPT_MAX_CHARS,
+    NO_PEER,
+    PEER_METHODS,
+    SEED_MAX,
+    UNAVAILABLE_PEERS,
+    check_request,
+    check_seed,
+    parse_peer,
+    parse_thresholds,
+    request_config,
+    request_fields,
+    resolved_settings,
+)
+from .runs import (
+    PARTIAL_PREFIX,
+    download_list,
+    example_label,
+    example_paths,
+    example_summary,
+    find_example,
+    list_examples,
+    max_runs,
+    new_run_dir,
+    prune_runs,
+    remove_partial_runs,
+    save_run,
+    save_run_folder,
+    save_sweep,
+    sweep_csv,
+)
+from .views import (
+    FEATURE_LABELS,
+    HEATMAP_VIEWS,
+    SWEEP_HEADERS,
+    THRESHOLD_RANGE,
+    TUNING_MODES,
+    branch_choices,
+    heatmap,
+    sweep_plot,
+    sweep_table,
+    tuning_source,
+    tuning_view,
+)
