@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bwcache  # noqa: E402
 from bwcache import BWCacheConfig, parallel  # noqa: E402
-from gpu_wan import TINY, WAN_1_3B, denoise, latent_shape, sync  # noqa: E402
+from bwcache.instruments import synchronize  # noqa: E402
+from gpu_wan import TINY, WAN_1_3B, add_video_arguments, denoise, latent_shape, shrink_if_tiny  # noqa: E402
 
 WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
 MODELS = {"1.3b": WAN_1_3B, "14b": WAN_14B}
@@ -51,10 +52,10 @@ class AllReduceTimer:
         self._original = parallel.all_reduce_sum
 
         def timed(values, group):
-            sync(self.device)
+            synchronize(self.device)
             start = time.perf_counter()
             result = self._original(values, group)
-            sync(self.device)
+            synchronize(self.device)
             self.seconds += time.perf_counter() - start
             self.calls += 1
             return result
@@ -71,15 +72,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="1.3b")
     parser.add_argument("--kind", choices=parallel.KINDS, default="ulysses", help="context parallelism (N > 1)")
     parser.add_argument("--tiny", action="store_true", help="tiny config (a smoke run of the same code; CPU)")
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_video_arguments(parser)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if args.tiny:
-        args.frames, args.height, args.width = min(args.frames, 5), min(args.height, 32), min(args.width, 32)
+    shrink_if_tiny(args)
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:

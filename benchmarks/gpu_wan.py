@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bwcache  # noqa: E402
 from bwcache import BWCacheConfig  # noqa: E402
 from bwcache.bench import cache_work_shares  # noqa: E402
-from bwcache.memory import parameter_bytes, peak_tensor_bytes  # noqa: E402
-from bwcache.runner import block_timer  # noqa: E402
+from bwcache.instruments import block_timer, parameter_bytes, peak_tensor_bytes, synchronize  # noqa: E402
 
 WAN_1_3B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -45,15 +44,25 @@ def latent_shape(frames: int, height: int, width: int) -> tuple[int, ...]:
     return (1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
 
 
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+def add_video_arguments(parser: argparse.ArgumentParser) -> None:
+    """The video and the run's length, as this script and gpu_cp.py take them: frames, frame size, steps, repeats."""
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+
+
+def shrink_if_tiny(args) -> None:
+    """With `--tiny`, a video small enough for the tiny config: at most 5 frames of at most 32×32."""
+    if args.tiny:
+        args.frames, args.height, args.width = min(args.frames, 5), min(args.height, 32), min(args.width, 32)
 
 
 def denoise(model, latents, text, negative, steps, device):
     """Seconds of a CFG denoising loop; the latents follow a simple Euler path so features evolve like sampling."""
     x = latents.clone()
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(steps):
@@ -63,7 +72,7 @@ def denoise(model, latents, text, negative, steps, device):
             with model.cache_context("uncond", step_index=i, num_inference_steps=steps):
                 uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=negative, return_dict=False)[0]
             x = x - (1.0 / steps) * (uncond + 5.0 * (cond - uncond))
-    sync(device)
+    synchronize(device)
     model._reset_stateful_cache()
     return time.perf_counter() - start
 
@@ -72,18 +81,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny config (a smoke run of the same code)")
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_video_arguments(parser)
     parser.add_argument("--reuse-interval", type=int, default=3, help="R of the forced schedule (trigger at step 1)")
     parser.add_argument("--lean-token-stride", type=int, default=8, help="token stride of the lean paper-mode row")
     parser.add_argument("--lean-indicator-blocks", default="every_other", help="indicator blocks of the lean row")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if args.tiny:
-        args.frames, args.height, args.width = min(args.frames, 5), min(args.height, 32), min(args.width, 32)
+    shrink_if_tiny(args)
     device = args.device
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 

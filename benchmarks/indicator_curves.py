@@ -26,6 +26,7 @@ from bwcache.bench import TINY_PROMPTS  # noqa: E402
 from bwcache.pipelines import get_pipeline  # noqa: E402
 from bwcache.presets import load_preset  # noqa: E402
 from bwcache.runner import call_kwargs, resolve_settings  # noqa: E402
+from bwcache.svg import Drawing  # noqa: E402
 
 FEATURES = {"hidden_states": "hidden-states input", "modulated": "modulated attention input"}
 COLOURS = {"hidden_states": "#1f77b4", "modulated": "#d62728"}
@@ -60,39 +61,23 @@ def svg(data: dict, width: int = 720, height: int = 400) -> str:
     left, right, top, bottom = 60, 220, 20, 50
     steps = len(next(iter(data["features"].values()))["mean"])
     top_value = max(v for f in data["features"].values() for v in f["max"] if v is not None) * 1.05
-
-    def sx(step):
-        return left + (step - 1) / max(1, steps - 2) * (width - left - right)
-
-    def sy(value):
-        return height - bottom - value / top_value * (height - top - bottom)
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
-           f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">denoising step</text>',
-           f'<text x="14" y="{(top + height - bottom) / 2}" transform="rotate(-90 14 {(top + height - bottom) / 2})" '
-           'text-anchor="middle">indicator (mean relative L1 over blocks)</text>']
-    for step in range(1, steps, max(1, (steps - 1) // 6)):
-        out.append(f'<text x="{sx(step):.1f}" y="{height - bottom + 15}" text-anchor="middle">{step}</text>')
-    for tick in np.linspace(0, top_value, 6):
-        out.append(f'<text x="{left - 6}" y="{sy(tick) + 4:.1f}" text-anchor="end">{tick:.2f}</text>')
-    for k, (feature, values) in enumerate(data["features"].items()):
+    drawing = Drawing(width, height)
+    chart = drawing.chart((left, top, width - right, height - bottom), (1, steps - 1), (0, top_value))
+    chart.axes()
+    chart.x_label("denoising step")
+    chart.y_label("indicator (mean relative L1 over blocks)")
+    chart.x_ticks("", values=range(1, steps, max(1, (steps - 1) // 6)))
+    chart.y_ticks(".2f")
+    shown = range(1, steps)  # step 0 has no previous step
+    for feature, values in data["features"].items():
         colour = COLOURS[feature]
-        band = [(sx(s), sy(values["max"][s])) for s in range(1, steps)]
-        band += [(sx(s), sy(values["min"][s])) for s in reversed(range(1, steps))]
-        out.append(f'<polygon points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in band)}" fill="{colour}" '
-                   'fill-opacity="0.15" stroke="none"/>')
-        line = " ".join(f"{sx(s):.1f},{sy(values['mean'][s]):.1f}" for s in range(1, steps))
-        out.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        out.append(f'<line x1="{width - right + 10}" y1="{top + 10 + 18 * k}" x2="{width - right + 30}" '
-                   f'y2="{top + 10 + 18 * k}" stroke="{colour}" stroke-width="2"/>')
-        out.append(f'<text x="{width - right + 36}" y="{top + 14 + 18 * k}">{FEATURES[feature]}</text>')
-    out.append(f'<text x="{width - right + 10}" y="{top + 58}">lines: mean over prompts</text>')
-    out.append(f'<text x="{width - right + 10}" y="{top + 74}">bands: range over prompts</text>')
-    out.append("</svg>")
-    return "\n".join(out)
+        chart.band(shown, [values["min"][s] for s in shown], [values["max"][s] for s in shown], colour)
+        chart.polyline([(s, values["mean"][s]) for s in shown], colour, width=2)
+    drawing.legend(width - right + 10, top + 10, [(FEATURES[f], COLOURS[f], "line") for f in data["features"]],
+                   step=(0, 18))
+    drawing.legend(width - right + 10, top + 54, [("lines: mean over prompts", None, None),
+                                                  ("bands: range over prompts", None, None)])
+    return drawing.render()
 
 
 def main(argv=None) -> int:

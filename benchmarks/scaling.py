@@ -22,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bwcache.apply import cached  # noqa: E402
 from bwcache.bench import cache_work_shares  # noqa: E402
-from bwcache.memory import peak_tensor_bytes, pipeline_weight_bytes  # noqa: E402
+from bwcache.instruments import peak_tensor_bytes, pipeline_weight_bytes  # noqa: E402
 from bwcache.pipelines import default_device, device_name, get_pipeline  # noqa: E402
 from bwcache.runner import generate, resolve_config, resolve_preset, resolve_settings  # noqa: E402
+from bwcache.svg import Drawing  # noqa: E402
 
 FRAMES = (8, 16, 24)
 SIZES = (24, 32, 40)
@@ -63,48 +64,30 @@ def scaling_svg(rows: list[dict], width: int = 760, height: int = 300) -> str:
               ("extra_peak_over_total", "extra peak memory (%)", "#2ca02c"))
     panels = (("num_frames", "frames (at 32×32)", [r for r in rows if r["size"] == 32]),
               ("size", "frame size, px (at 16 frames)", [r for r in rows if r["num_frames"] == 16]))
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
+    drawing = Drawing(width, height)
     panel_w, left, top, bottom = width / 2, 50, 20, 70
     top_speed = max(2.5, max(r["speedup"] for r in rows) * 1.1)
     top_share = max(25.0, max(100 * max(r["cache_work_share"], r["extra_peak_over_total"]) for r in rows) * 1.1)
     for p, (key, title, members) in enumerate(panels):
-        x0 = p * panel_w + left
-        x1 = (p + 1) * panel_w - 40
-        y0, y1 = height - bottom, top
         members = sorted(members, key=lambda r: r[key])
         if not members:
             continue
         xs = [r[key] for r in members]
-        lo, hi = min(xs), max(xs)
-
-        def sx(v, lo=lo, hi=hi, x0=x0, x1=x1):
-            return x0 + (v - lo) / ((hi - lo) or 1) * (x1 - x0)
-
-        out.append(f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="black"/>')
-        out.append(f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y1}" stroke="black"/>')
-        out.append(f'<line x1="{x1}" y1="{y0}" x2="{x1}" y2="{y1}" stroke="black"/>')
-        out.append(f'<text x="{(x0 + x1) / 2}" y="{y0 + 28}" text-anchor="middle">{title}</text>')
-        for v in xs:
-            out.append(f'<text x="{sx(v):.1f}" y="{y0 + 14}" text-anchor="middle">{v}</text>')
-        for k in range(6):
-            speed = top_speed * k / 5
-            y = y0 - (y0 - y1) * k / 5
-            out.append(f'<text x="{x0 - 4}" y="{y + 4:.1f}" text-anchor="end">{speed:.1f}</text>')
-            out.append(f'<text x="{x1 + 4}" y="{y + 4:.1f}">{top_share * k / 5:.0f}</text>')
+        speed = drawing.chart((p * panel_w + left, top, (p + 1) * panel_w - 40, height - bottom), (min(xs), max(xs)),
+                              (0, top_speed))
+        share = speed.twin((0, top_share))
+        speed.axes(right=True)
+        speed.x_label(title, below=28)
+        speed.x_ticks("", values=xs)
+        speed.y_ticks(".1f")
+        share.y_ticks(".0f", side="right")
         for name, label, colour in series:
-            scale = (lambda v: v / top_speed) if name == "speedup" else (lambda v: 100 * v / top_share)
-            points = " ".join(f"{sx(r[key]):.1f},{y0 - (y0 - y1) * scale(r[name]):.1f}" for r in members)
-            out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
-            for r in members:
-                out.append(f'<circle cx="{sx(r[key]):.1f}" cy="{y0 - (y0 - y1) * scale(r[name]):.1f}" r="3" '
-                           f'fill="{colour}"><title>{label}: {r[name]:.3g}</title></circle>')
-    for k, (_, label, colour) in enumerate(series):
-        x = 60 + 230 * k
-        out.append(f'<rect x="{x}" y="{height - 22}" width="12" height="4" fill="{colour}"/>')
-        out.append(f'<text x="{x + 16}" y="{height - 17}">{label}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
+            chart, scale = (speed, 1) if name == "speedup" else (share, 100)
+            points = [(r[key], scale * r[name]) for r in members]
+            chart.polyline(points, colour, width=2)
+            chart.points(points, colour, radius=3, titles=[f"{label}: {r[name]:.3g}" for r in members])
+    drawing.legend(60, height - 20, [(label, colour, "bar") for _, label, colour in series], step=(230, 0))
+    return drawing.render()
 
 
 def main(argv=None) -> int:

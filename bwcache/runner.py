@@ -16,14 +16,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers.hooks.hooks import HookRegistry, ModelHook
 
 from . import __name__ as _package
 from . import parallel, peers
-from .blocks import find_blocks
 from .config import CACHE_SETTINGS, BWCacheConfig
 from .apply import cached
-from .clock import denoisers
+from .instruments import block_timer, synchronize
 from .metrics import compare_videos
 from .pipelines import call_kwargs, default_device, device_name, get_pipeline
 from .presets import DEFAULT_PROFILE, Preset, load_preset
@@ -106,11 +104,6 @@ def resolve_run(preset: Preset, prompt=None, seed=None, config: BWCacheConfig | 
     return settings, config
 
 
-def _synchronize(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _frames(output) -> np.ndarray:
     frames = output.frames[0]
     if isinstance(frames, torch.Tensor):
@@ -128,10 +121,10 @@ def generate(pipe, preset: Preset, settings: dict, device: str, on_step: Callabl
             on_step(step)
         return callback_kwargs
 
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     output = pipe(**kwargs, generator=generator, output_type="np", callback_on_step_end=callback)
-    _synchronize(device)
+    synchronize(device)
     return _frames(output), time.perf_counter() - start
 
 
@@ -188,74 +181,6 @@ def _traced_warmup(pipe, preset, settings, device, report, measure_blocks=True, 
             timer.remove()
     block_share = timer.seconds / seconds if timer is not None and seconds > 0 else None
     return handle.trace.to_dict(), frames, block_share
-
-
-class ForwardTimer:
-    """Wall-clock time spent in some modules' forward (synchronised on GPU), summed over the modules.
-
-    Each module gets a diffusers hook on its forward. Hooks registered later (BWCache's) wrap it, so their work is
-    not counted; hooks registered earlier are. Remove hooks in the reverse order: diffusers unwinds a module's
-    hooks from the outermost. With `around_call`, the timer sits around the whole module call instead (torch's
-    own module hooks, before and after every other), so it also counts work done in other module hooks.
-    """
-
-    def __init__(self, modules, device: str, around_call: bool = False):
-        self.seconds = 0.0
-        self.calls = 0
-        self.device = device
-        self._name = f"bwcache_timer_{id(self)}"
-        self._modules = []
-        self._handles = []
-        # Start times of the calls in progress: timed modules nest (a transformer and its blocks).
-        self._started: list[float] = []
-        try:
-            for module in modules:
-                if around_call:
-                    self._handles += [
-                        module.register_forward_pre_hook(self._start, prepend=True),
-                        module.register_forward_hook(self._stop, always_call=True),
-                    ]
-                else:
-                    HookRegistry.check_if_exists_or_initialize(module).register_hook(_TimedForward(self), self._name)
-                    self._modules.append(module)
-        except Exception:
-            self.remove()
-            raise
-
-    def _start(self, module=None, args=None) -> None:
-        _synchronize(self.device)
-        self._started.append(time.perf_counter())
-
-    def _stop(self, module=None, args=None, output=None) -> None:
-        _synchronize(self.device)
-        self.seconds += time.perf_counter() - self._started.pop()
-        self.calls += 1
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for module in self._modules:
-            module._diffusers_hook.remove_hook(self._name, recurse=False)
-        self._modules = []
-        self._handles = []
-
-
-class _TimedForward(ModelHook):
-    def __init__(self, timer: ForwardTimer):
-        super().__init__()
-        self.timer = timer
-
-    def new_forward(self, module, *args, **kwargs):
-        self.timer._start()
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            self.timer._stop()
-
-
-def block_timer(transformer_or_pipeline, device: str) -> ForwardTimer:
-    """A timer of the DiT blocks' own forward (of every denoiser, given a pipeline: both of Wan2.2's experts)."""
-    return ForwardTimer([spec.module for t in denoisers(transformer_or_pipeline) for spec in find_blocks(t)], device)
 
 
 def run_comparison(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bwcache import BWCacheConfig, apply_bwcache, remove_bwcache
-from bwcache.memory import peak_tensor_bytes
+from bwcache.instruments import peak_tensor_bytes
 from bwcache.metrics import compare_videos
 from bwcache.runner import generate, resolve_config, resolve_preset, resolve_settings
 from dummy import DoublingTransformer, step_dummy

@@ -40,6 +40,8 @@ def test_the_wheel_declares_its_dependencies_and_carries_its_data(wheel):
     assert {f"bwcache/data/presets/{name}" for name in presets} <= names
     model = {p.name for p in (ROOT / "assets" / "tiny-shapes").iterdir() if p.is_file()}
     assert {f"bwcache/data/tiny_shapes/{name}" for name in model} <= names
+    # Every module of the package, its subpackages' included (pyproject.toml lists the packages one by one).
+    assert {name for name in checkout_files() if name.startswith("bwcache/") and name.endswith(".py")} <= names
     requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     for package in ("torch", "diffusers", "accelerate", "ftfy", "numpy", "safetensors", "imageio-ffmpeg"):
         assert any(r.startswith(package) for r in requires), package

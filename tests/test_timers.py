@@ -6,7 +6,7 @@ import types
 import torch
 
 from bwcache import BWCacheConfig, apply_bwcache, register_block, remove_bwcache
-from bwcache.runner import ForwardTimer, block_timer
+from bwcache.instruments import ForwardTimer, block_timer
 from dummy import DoublingBlock, DoublingTransformer, run_dummy
 
 BLOCK_SECONDS = 0.01
@@ -49,7 +49,7 @@ def test_a_timer_registered_first_sees_only_the_blocks_that_run():
 def test_a_timer_around_nested_calls_times_each_call_from_its_own_start(monkeypatch):
     """A transformer and its blocks nest: each call is timed from its own start (a clock ticking once a reading)."""
     ticks = iter(range(1000))
-    monkeypatch.setattr("bwcache.runner.time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    monkeypatch.setattr("bwcache.instruments.time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
     model = DoublingTransformer(num_layers=2)
     timer = ForwardTimer([model] + list(model.blocks), "cpu", around_call=True)
     try:

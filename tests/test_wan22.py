@@ -7,7 +7,7 @@ import torch
 
 import bwcache
 from bwcache import BWCacheConfig
-from bwcache.runner import block_timer
+from bwcache.instruments import block_timer
 from tiny_wan import build_wan22_pipeline, build_wan22_ti2v_pipeline
 
 STEPS = 10
