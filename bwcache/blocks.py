@@ -1,7 +1,8 @@
 """Where a transformer keeps its DiT blocks, and what each block class takes and returns.
 
 Model knowledge lives here as data: diffusers' `TransformerBlockRegistry` describes most block classes; the table
-below adds the ones it does not know, and the layouts say in which order a forward runs the block lists.
+below adds the ones it does not know, and the layouts say in which order a forward runs the block lists. A
+`BlockSpec` reads a block call's inputs and outputs by that description, and packs a reused output the same way.
 """
 
 from __future__ import annotations
@@ -108,6 +109,40 @@ class BlockSpec:
     def has_encoder_stream(self) -> bool:
         """Whether the block also returns encoder hidden states (dual-stream blocks)."""
         return self.metadata.return_encoder_hidden_states_index is not None
+
+    def inputs(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The hidden states a call of the block is given, and its encoder hidden states (dual-stream blocks)."""
+        metadata = self.metadata
+        hidden_states = metadata._get_parameter_from_args_kwargs(metadata.hidden_states_argument_name, args, kwargs)
+        encoder_hidden_states = None
+        if self.has_encoder_stream:
+            try:
+                encoder_hidden_states = metadata._get_parameter_from_args_kwargs(
+                    metadata.encoder_hidden_states_argument_name, args, kwargs
+                )
+            except ValueError:
+                encoder_hidden_states = None
+        return hidden_states, encoder_hidden_states
+
+    def outputs(self, output) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The hidden states and encoder hidden states (or `None`) in what the block returned."""
+        if not isinstance(output, (tuple, list)):
+            return output, None
+        metadata = self.metadata
+        encoder_hidden_states = None
+        if metadata.return_encoder_hidden_states_index is not None:
+            encoder_hidden_states = output[metadata.return_encoder_hidden_states_index]
+        return output[metadata.return_hidden_states_index], encoder_hidden_states
+
+    def pack(self, arity: int | None, hidden_states, encoder_hidden_states):
+        """An output of the structure the block itself returns: a tensor (`arity` None) or a tuple of `arity`."""
+        if arity is None:
+            return hidden_states
+        output = [None] * arity
+        output[self.metadata.return_hidden_states_index] = hidden_states
+        if self.metadata.return_encoder_hidden_states_index is not None:
+            output[self.metadata.return_encoder_hidden_states_index] = encoder_hidden_states
+        return tuple(output)
 
 
 def find_blocks(transformer: torch.nn.Module) -> list[BlockSpec]:

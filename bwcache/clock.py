@@ -1,4 +1,4 @@
-"""Where a transformer call sits in its pipeline's generation, read from the pipeline's own scheduler.
+"""Where a transformer call sits in its generation: the pipeline's clock, and each transformer's step locator.
 
 Every diffusers pipeline starts a generation with `scheduler.set_timesteps(...)`, which puts a new `timesteps`
 tensor on the scheduler. The clock watches that object: a new one is a new generation (however the previous call
@@ -9,6 +9,13 @@ call is the number of calls of its branch (`cond`, `uncond`, …) so far in this
 Pipelines with two experts (Wan2.2 A14B: `transformer` for high noise, `transformer_2` for low noise) split the
 steps at `boundary_ratio · num_train_timesteps`; the clock gives each expert its window of steps, so each keeps its
 own schedule.
+
+Each cached transformer places its calls with a `StepLocator`. State is kept per cache-context name (`cond`,
+`uncond`, … as pipelines set them; a call with no context runs in a branch named `default`). Applied to a pipeline,
+the step count, the step index and the start of each generation come from the pipeline clock. Applied to a
+transformer alone, they come from the context's `step_index` and `num_inference_steps`, or
+`BWCacheConfig.num_inference_steps` and counting calls per branch, and a call whose timestep is not below its
+branch's previous one starts a new generation.
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ from __future__ import annotations
 import weakref
 
 import torch
+from diffusers.hooks.hooks import CacheContext
+
+from .config import BWCacheConfig
 
 # Components that are denoisers, in the order a pipeline runs them.
 EXPERT_NAMES = ("transformer", "transformer_2")
@@ -59,7 +69,6 @@ class PipelineClock:
         self._calls[branch] = step + 1
         return step
 
-
     def release_finished(self, hook) -> None:
         """When an expert's steps begin, the experts whose steps are over free what they cached."""
         window = self.windows.get(hook.expert)
@@ -69,6 +78,136 @@ class PipelineClock:
             done = self.windows.get(name)
             if other is not hook and done is not None and done[1] <= window[0] and other.states:
                 other.release()
+
+
+class StepLocator:
+    """Where each call of one transformer sits: its branch's step, the number of steps, its timestep, and which
+    generation it belongs to (a transformer's part of a generation only, for one of two experts)."""
+
+    def __init__(self, config: BWCacheConfig, expert: str | None = None, clock: PipelineClock | None = None):
+        self.config = config
+        self.expert = expert
+        self.clock = clock
+        # A count of the generations this transformer has started (a reset, a restart or a new clock generation).
+        self.generation = 0
+        self._clock_generation = 0
+        self._timestep_index: int | None = None
+
+    def bind(self, parameters: list[str]) -> None:
+        """The names of the transformer forward's arguments (where a positional timestep is)."""
+        self._timestep_index = parameters.index("timestep") if "timestep" in parameters else None
+
+    def clock_moved_on(self) -> bool:
+        """Look at the pipeline's clock: whether it started a generation since this transformer's last look."""
+        if self.clock is None:
+            return False
+        self.clock.refresh()
+        if self.clock.generation == self._clock_generation:
+            return False
+        self._clock_generation = self.clock.generation
+        return True
+
+    @property
+    def generation_key(self) -> tuple:
+        """Names the generation in progress (the same for every transformer of one pipeline)."""
+        return ("clock", self.clock.generation) if self.clock is not None else (id(self), self.generation)
+
+    @property
+    def offset(self) -> int:
+        """The generation's step at which this transformer's steps begin (an expert's window; else 0)."""
+        window = self.clock.windows.get(self.expert) if self.clock is not None else None
+        return window[0] if window is not None else 0
+
+    def locate(self, state, context: CacheContext, args, kwargs) -> tuple[int, int | None, float | None]:
+        """(step, number of steps, timestep) of this call; restarts `state` where the call starts a generation."""
+        timestep = self._timestep(context, args, kwargs)
+        step, num_steps = self._step(state, context, timestep)
+        if num_steps is None and self.config.threshold > 0:
+            raise ValueError(
+                "BWCache needs the number of denoising steps: apply it to the pipeline (apply_bwcache(pipe, ...)), "
+                "set BWCacheConfig(num_inference_steps=...), or call the transformer inside "
+                "transformer.cache_context(name, num_inference_steps=...)."
+            )
+        if num_steps is not None and not 0 <= step < num_steps:
+            raise ValueError(f"Step index {step} is outside 0..{num_steps - 1} (num_inference_steps={num_steps}).")
+        return step, num_steps, timestep
+
+    def _step(self, state, context: CacheContext, timestep: float | None) -> tuple[int, int | None]:
+        """(step, number of steps) of this call within this transformer's part of the generation."""
+        config, clock = self.config, self.clock
+        if clock is not None and clock.num_steps is not None:
+            step = context.step_index if context.step_index is not None else clock.next_step(context.name)
+            num_steps = clock.num_steps
+            self._check_steps(num_steps, "the pipeline runs")
+            if context.num_inference_steps is not None and context.num_inference_steps != num_steps:
+                raise ValueError(
+                    f"The pipeline's cache context says num_inference_steps={context.num_inference_steps}, but its "
+                    f"scheduler runs {num_steps} denoising steps."
+                )
+            window = clock.windows.get(self.expert)
+            if window is not None:
+                start, end = window
+                if not start <= step < end:
+                    raise ValueError(
+                        f"{self.expert} was called at step {step}, outside its steps {start}..{end - 1} of this "
+                        f"generation (the pipeline's boundary_ratio gives it those)."
+                    )
+                step, num_steps = step - start, end - start
+            return step, num_steps
+
+        num_steps = context.num_inference_steps
+        if num_steps is not None:
+            self._check_steps(num_steps, "the cache context says num_inference_steps=")
+        else:
+            num_steps = config.num_inference_steps
+        if context.step_index is not None:
+            step = context.step_index
+            if state.calls > 0 and step == 0:
+                self.restart(state)
+            return step, num_steps
+        step = state.calls
+        later = timestep is None or state.last_timestep is None or timestep < state.last_timestep
+        if state.calls > 0 and not later:
+            # The denoising timestep went back up: a new generation that no pipeline reset announced.
+            self.restart(state)
+            step = 0
+        elif num_steps is not None and step >= num_steps:
+            if timestep is None:
+                self.restart(state)
+                step = 0
+            else:
+                raise ValueError(
+                    f"BWCacheConfig(num_inference_steps={num_steps}), but this generation runs more steps: its branch "
+                    f"{context.name!r} is at step {step + 1}. Leave num_inference_steps unset and apply BWCache to the "
+                    "pipeline (apply_bwcache(pipe, ...)) to follow the pipeline's step count."
+                )
+        return step, num_steps
+
+    def _check_steps(self, num_steps: int, source: str) -> None:
+        configured = self.config.num_inference_steps
+        if configured is not None and configured != num_steps:
+            said = f"{source}{num_steps}" if source.endswith("=") else f"{source} {num_steps}"
+            raise ValueError(
+                f"BWCacheConfig(num_inference_steps={configured}) disagrees with the steps run: {said} denoising "
+                "steps. Leave num_inference_steps unset to follow the pipeline, or set it to the steps you run."
+            )
+
+    def restart(self, state) -> None:
+        """A branch starts over: the first branch to do so starts a new generation, the others join it."""
+        if state.generation == self.generation:
+            self.generation += 1
+        state.reset()
+        state.generation = self.generation
+
+    def _timestep(self, context: CacheContext, args, kwargs) -> float | None:
+        value = context.timestep
+        if value is None:
+            value = kwargs.get("timestep")
+            if value is None and self._timestep_index is not None and self._timestep_index < len(args):
+                value = args[self._timestep_index]
+        if isinstance(value, torch.Tensor):
+            return float(value.detach().flatten()[0]) if value.numel() else None
+        return float(value) if isinstance(value, (int, float)) else None
 
 
 def expert_windows(pipeline, scheduler, timesteps: list[float]) -> dict[str, tuple[int, int]]:

@@ -1,7 +1,8 @@
-"""How BWCache reuses: diffusers hooks that keep each branch's step, features and residuals (the mechanics).
+"""How BWCache reuses: diffusers hooks that keep each branch's features and residuals (the mechanics).
 
-When to reuse is the policy's business (`bwcache.policies`); this module measures distances, keeps and releases
-cached tensors, and rebuilds a reused block's output.
+When to reuse is the policy's business (`bwcache.policies`), where a call sits in its generation the step
+locator's (`bwcache.clock`), and how far a feature moved the distance meter's (`bwcache.distances`); this module
+runs each call, keeps and releases cached tensors, and rebuilds a reused block's output.
 
 * The transformer carries a stateful hook (`BWCacheHook`) for diffusers' cache contexts and end-of-call reset, and
   a pair of torch forward hooks that open and close each call: they find the branch and the step, and survive
@@ -10,43 +11,24 @@ cached tensors, and rebuilds a reused block's output.
   under `compile_repeated_blocks()` or `transformer.compile()` the blocks' own forwards are compiled and the cache's
   Python state is never guarded on.
 
-Distances. Block i's feature is its hidden-states input h, or with `indicator_feature="modulated"` the input of its
-attention (AdaLN-modulated; taken by a forward pre-hook on the attention module as the block runs, paper mode
-only), on every `indicator_token_stride`-th token; its distance is the relative L1
-`mean|h(s) − h(ref)| / mean|h(ref)|` to a reference feature: the previous step's in paper mode (paper Eq. 5–7), the
-one its residual was computed on in block-wise mode. All of a step's distances reach the
-host in one sync at the end of the call, except where block-wise mode must decide on one before running its block.
-
-Several processes. Under diffusers' context parallelism each process sees its shard of the sequence: a distance is
-kept as this process's two sums (`|h − ref|` and `|ref|`) until it is needed, the sums are added over the
-context-parallel group (`bwcache.parallel`), and every process divides the same numbers, so all take the decisions a
-single process would take. The step's recorded distances share one all-reduce at the end of the call; a block-wise
-decision, which must come before its block runs, needs its own. Token strides start where the single-process
-stride would fall in each shard. Residuals and features stay sharded.
-
-Reuse. A reused block returns its input plus a cached residual (output − input at a computed step). Blocks that
-hand their output straight to the next block form a chain whose residuals telescope, so paper mode keeps one
-residual per chain (per stream), added at the chain's first block, and the other blocks pass their input through;
-on most models the whole stack is one chain, so a branch keeps a single residual, as the official code does.
-Block-wise mode keeps one residual per block.
+Reuse. A reused block returns its input plus a cached residual (output − input at a computed step). Where a reused
+step skips every block (paper mode: the policy `chains_blocks`), blocks that hand their output straight to the next
+block form a chain whose residuals telescope, so one residual is kept per chain (per stream), added at the chain's
+first block, and the other blocks pass their input through; on most models the whole stack is one chain, so a
+branch keeps a single residual, as the official code does. Else (block-wise mode) each block keeps its own.
 
 Memory. A chain's old residual is released before the chain is recomputed, so the peak holds one residual per
 chain, not two; a residual or reference input is kept only when a later step may read it. With `cache_dtype`,
-residuals, features and the input a paper-mode chain holds while it runs are stored narrower than the model's
-dtype; reused outputs keep the model's dtype. `trace.held_bytes_peak` records the most the cache held.
+residuals, features and the input a chain of several blocks holds while it runs are stored narrower than the
+model's dtype; reused outputs keep the model's dtype. `trace.held_bytes_peak` records the most the cache held.
+Under context parallelism residuals and features stay sharded.
 
-Steps. State is kept per cache-context name (`cond`, `uncond`, … as pipelines set them; a call with no context runs
-in a branch named `default`). Applied to a pipeline, the step count, the step index and the start of each
-generation come from the pipeline's scheduler (`bwcache.clock`). Applied to a transformer alone, they come from
-the context's `step_index` and `num_inference_steps`, or `BWCacheConfig.num_inference_steps` and counting calls
-per branch, and a call whose timestep is not below its branch's previous one starts a new generation. A call that
-raises drops all state: the next call starts afresh.
+State is kept per branch (cache-context name). A call that raises drops all state: the next call starts afresh.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import NamedTuple
 
 import torch
 from diffusers.hooks.hooks import BaseState, CacheContext, ModelHook, StateManager
@@ -54,42 +36,14 @@ from diffusers.utils.torch_utils import unwrap_module
 
 from . import parallel
 from .blocks import BlockSpec
-from .clock import PipelineClock
+from .clock import PipelineClock, StepLocator
 from .config import BWCacheConfig
+from .distances import DistanceMeter, DistanceSums
 from .policies import make_policy
-from .stacking import foreign_cache_hooks
+from .stacking import refuse_stacked
 from .trace import Trace
 
 DEFAULT_BRANCH = "default"
-
-
-def l1_norm(tensor: torch.Tensor) -> torch.Tensor:
-    """`sum|tensor|` in float32 (a scalar tensor)."""
-    return tensor.abs().sum(dtype=torch.float32)
-
-
-def _difference_sum(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    return (current - previous).abs_().sum(dtype=torch.float32)
-
-
-def _ratio(difference: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    return difference / norm.clamp_min(1e-12)
-
-
-class _Sums(NamedTuple):
-    """A distance not yet divided: this process's sums of |h − ref| and |ref| (added over a context-parallel
-    group first), and what the policy adds to the ratio."""
-
-    difference: torch.Tensor
-    norm: torch.Tensor
-    offset: float = 0.0
-
-
-def _strided(hidden_states: torch.Tensor, stride: int, offset: int = 0) -> torch.Tensor:
-    """The tokens the distance is measured on (a view): every `stride`-th, from `offset`."""
-    if stride == 1:
-        return hidden_states
-    return hidden_states[:, offset::stride] if hidden_states.ndim >= 3 else hidden_states[offset::stride]
 
 
 def _compact(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -114,7 +68,7 @@ class BWCacheState(BaseState):
 
     def reset(self) -> None:
         self.calls = 0
-        # The generation (a count kept by the hook) this branch's state belongs to.
+        # The generation (a count kept by the step locator, `bwcache.clock`) this branch's state belongs to.
         self.generation = 0
         self.step = -1
         self.num_steps: int | None = None
@@ -139,20 +93,114 @@ class BWCacheState(BaseState):
         self.previous_residuals: dict[int, tuple[torch.Tensor | None, torch.Tensor | None, float]] = {}
         self.chain_heads: list[bool] = [True] * self.num_blocks
         self.output_arity: list[int | None] = [None] * self.num_blocks
-        # Within one call.
-        # Distances not yet divided (`_Sums`) or already decided on (floats), and those of reused blocks.
-        self.step_distances: dict[int, "_Sums | float"] = {}
+        self._clear_call()
+
+    def start_step(self, step: int, num_steps: int | None, timestep: float | None, reuse_interval: int | None) -> None:
+        """A call of this branch begins, at `step` of `num_steps`."""
+        self.calls += 1
+        self.step = step
+        self.num_steps = num_steps
+        self.last_timestep = timestep
+        self.reuse_interval = reuse_interval
+        self._clear_call()
+
+    def _clear_call(self) -> None:
+        """Forget what the last call kept only for itself."""
+        # Distances not yet divided (`DistanceSums`) or already decided on (floats), and those of reused blocks.
+        self.step_distances: dict[int, DistanceSums | float] = {}
         self.step_measured: dict[int, float] = {}
         self.step_reused: set[int] = set()
+        # The open chain's first block and input, the last block's output, and whether the running block's
+        # residual is kept.
         self.chain_start: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
         self.last_output: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.keep_residual = False
         # The block whose modulated attention input is to be measured as it runs.
         self.awaiting_feature: int | None = None
 
+    @property
+    def time(self) -> float:
+        """Where this step lies on the scheduler's axis: its timestep when the model is given one, else its index."""
+        return float(self.step) if self.last_timestep is None else self.last_timestep
+
+    def is_chained(self, spec: BlockSpec, hidden_states, encoder_hidden_states) -> bool:
+        """Whether block `spec` is fed exactly what the block before it returned (same objects, both streams)."""
+        if self.last_output is None:
+            return False
+        last_hs, last_ehs = self.last_output
+        if hidden_states is not last_hs:
+            return False
+        if spec.has_encoder_stream:
+            return encoder_hidden_states is last_ehs
+        return True
+
+    def close_chain(self, dtype: torch.dtype | None) -> None:
+        """Turn the open chain's input and the last block's output into the chain's cached residual (stored in
+        `dtype` where that is narrower)."""
+        if self.chain_start is None or self.last_output is None:
+            self.chain_start = None
+            return
+        head, start_hs, start_ehs = self.chain_start
+        last_hs, last_ehs = self.last_output
+        self.residuals.pop(head, None)
+        residual_ehs = None
+        if start_ehs is not None and last_ehs is not None and last_ehs is not start_ehs:
+            residual_ehs = _compact(last_ehs - start_ehs, dtype)
+        self.residuals[head] = (_compact(last_hs - start_hs, dtype), residual_ehs)
+        self.residual_times[head] = self.time
+        self.chain_start = None
+
+    def retire_residual(self, head: int, extrapolating: bool) -> None:
+        """Before chain `head` is recomputed: keep its residual as the previous one when extrapolating, else drop it."""
+        residual = self.residuals.pop(head, None)
+        if extrapolating and residual is not None:
+            self.previous_residuals[head] = (*residual, self.residual_times[head])
+        else:
+            self.previous_residuals.pop(head, None)
+
+    def residual_now(self, head: int, extrapolation: float):
+        """The residual chain `head` adds at this step: the last computed one or, with two computed, `extrapolation`
+        of the way along the line through both towards this step's time."""
+        residual = self.residuals[head]
+        previous = self.previous_residuals.get(head)
+        if previous is None:
+            return residual
+        t1, t0 = self.residual_times[head], previous[2]
+        if t1 == t0:
+            return residual
+        factor = extrapolation * (self.time - t1) / (t1 - t0)
+        return tuple(
+            None if last is None else (last + (last - older) * factor if older is not None else last)
+            for last, older in zip(residual, previous[:2])
+        )
+
+    def drop_features(self) -> None:
+        """Forget every block's reference feature."""
+        self.features = [None] * self.num_blocks
+        self.feature_norms = [None] * self.num_blocks
+
+    def forget_block(self, i: int) -> None:
+        """No later step can reuse block i: forget its reference feature and its residual."""
+        self.features[i] = self.feature_norms[i] = None
+        self.drop_residuals(i)
+
+    def drop_residuals(self, head: int | None = None) -> None:
+        """Forget every residual of the branch (or of chain `head`), with what an extrapolation would need."""
+        if head is None:
+            self.residuals, self.residual_times, self.previous_residuals = {}, {}, {}
+            return
+        for held in (self.residuals, self.residual_times, self.previous_residuals):
+            held.pop(head, None)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The residuals and features this branch holds."""
+        held = [t for pair in self.residuals.values() for t in pair] + self.features
+        held += [t for *pair, _ in self.previous_residuals.values() for t in pair]
+        return [t for t in held if t is not None]
+
 
 class BWCacheHook(ModelHook):
-    """The stateful hook on one transformer: branch and step bookkeeping, and the blocks' mechanics."""
+    """The stateful hook on one transformer: each call's lifecycle, and the blocks' reuse mechanics."""
 
     _is_stateful = True
 
@@ -174,22 +222,16 @@ class BWCacheHook(ModelHook):
         self.trace = trace
         self.expert = expert
         self.clock = clock
+        # Where each call sits in its generation, and the distances' arithmetic (over this call's process group).
+        self.steps = StepLocator(config, expert, clock)
+        self.distances = DistanceMeter(config.indicator_token_stride)
         self.module: torch.nn.Module | None = None
         self.active: BWCacheState | None = None
         self.active_branch: str | None = None
         # The branches seen since the last reset, by name.
         self.states: dict[str, BWCacheState] = {}
-        # A count of the generations this hook has started (a reset, a restart or a new clock generation).
-        self._generation = 0
-        self._clock_generation = 0
         self._started: tuple | None = None
         self._own_context = False
-        self._timestep_index: int | None = None
-        self._hidden_states_index: int | None = None
-        # The context-parallel process group distances are summed over during this call (None: one process), and
-        # the length of the whole sequence the processes split.
-        self.group = None
-        self._sequence_length: int | None = None
         # Set by `apply_bwcache`: its handle, torch's hooks around each call, and each module's forward as ours left it.
         self.handle = None
         self.torch_hooks: tuple = ()
@@ -198,15 +240,15 @@ class BWCacheHook(ModelHook):
     def initialize_hook(self, module):
         self.module = module
         parameters = list(inspect.signature(unwrap_module(module).__class__.forward).parameters)[1:]
-        self._timestep_index = parameters.index("timestep") if "timestep" in parameters else None
-        self._hidden_states_index = parameters.index("hidden_states") if "hidden_states" in parameters else None
+        self.steps.bind(parameters)
+        self.distances.bind(module, parameters)
         return module
 
     def reset_state(self, module):
         self.release()
         self.active = self.active_branch = None
         # The trace of the finished generation stays readable until the next one starts.
-        self._generation += 1
+        self.steps.generation += 1
         return module
 
     def release(self) -> None:
@@ -225,17 +267,15 @@ class BWCacheHook(ModelHook):
         if self._own_context:
             self.state_manager.set_context(CacheContext(DEFAULT_BRANCH))
         try:
-            self.group = self._parallel_group(args, kwargs)
+            self.distances.start_call(args, kwargs, self.policy.measures)
             if self.clock is not None:
-                self.clock.refresh()
-                if self.clock.generation != self._clock_generation:
-                    self._clock_generation = self.clock.generation
+                if self.steps.clock_moved_on():
                     self.reset_state(module)
                 self.clock.release_finished(self)
             context = self.state_manager.context
             state = self.state_manager.get_state()
             if state.calls == 0:
-                state.generation = self._generation
+                state.generation = self.steps.generation
             self.states[context.name] = state
             self._begin_step(state, context, args, kwargs)
         except BaseException:
@@ -258,208 +298,68 @@ class BWCacheHook(ModelHook):
         finally:
             self._leave_context()
 
-    def _parallel_group(self, args, kwargs):
-        """The context-parallel group of this call, after checking the input can be split over it."""
-        group = parallel.process_group(self.module)
-        self._sequence_length = None
-        if group is not None:
-            hidden_states = kwargs.get("hidden_states")
-            if hidden_states is None and self._hidden_states_index is not None and self._hidden_states_index < len(args):
-                hidden_states = args[self._hidden_states_index]
-            counted = parallel.token_count(self.module, hidden_states)
-            cp_config = parallel.context_parallel_config(self.module)
-            parallel.check_sequence(cp_config, counted)
-            if self.config.indicator_token_stride > 1 and self.policy.measures:
-                parallel.check_strided_split(cp_config, counted)
-            self._sequence_length = counted[0] if counted is not None else None
-        return group
-
     def _leave_context(self) -> None:
         if self._own_context:
             self.state_manager.set_context(None)
             self._own_context = False
 
-    # -- step bookkeeping -------------------------------------------------------------------------------------
-
-    def _locate(self, state: BWCacheState, context: CacheContext, timestep: float | None) -> tuple[int, int | None]:
-        """(step, number of steps) of this call within this transformer's part of the generation."""
-        config, clock = self.config, self.clock
-        if clock is not None and clock.num_steps is not None:
-            step = context.step_index if context.step_index is not None else clock.next_step(context.name)
-            num_steps = clock.num_steps
-            self._check_steps(num_steps, "the pipeline runs")
-            if context.num_inference_steps is not None and context.num_inference_steps != num_steps:
-                raise ValueError(
-                    f"The pipeline's cache context says num_inference_steps={context.num_inference_steps}, but its "
-                    f"scheduler runs {num_steps} denoising steps."
-                )
-            window = clock.windows.get(self.expert)
-            if window is not None:
-                start, end = window
-                if not start <= step < end:
-                    raise ValueError(
-                        f"{self.expert} was called at step {step}, outside its steps {start}..{end - 1} of this "
-                        f"generation (the pipeline's boundary_ratio gives it those)."
-                    )
-                step, num_steps = step - start, end - start
-            return step, num_steps
-
-        num_steps = context.num_inference_steps
-        if num_steps is not None:
-            self._check_steps(num_steps, "the cache context says num_inference_steps=")
-        else:
-            num_steps = config.num_inference_steps
-        if context.step_index is not None:
-            step = context.step_index
-            if state.calls > 0 and step == 0:
-                self._restart(state)
-            return step, num_steps
-        step = state.calls
-        later = timestep is None or state.last_timestep is None or timestep < state.last_timestep
-        if state.calls > 0 and not later:
-            # The denoising timestep went back up: a new generation that no pipeline reset announced.
-            self._restart(state)
-            step = 0
-        elif num_steps is not None and step >= num_steps:
-            if timestep is None:
-                self._restart(state)
-                step = 0
-            else:
-                raise ValueError(
-                    f"BWCacheConfig(num_inference_steps={num_steps}), but this generation runs more steps: its branch "
-                    f"{context.name!r} is at step {step + 1}. Leave num_inference_steps unset and apply BWCache to the "
-                    "pipeline (apply_bwcache(pipe, ...)) to follow the pipeline's step count."
-                )
-        return step, num_steps
-
-    def _check_steps(self, num_steps: int, source: str) -> None:
-        configured = self.config.num_inference_steps
-        if configured is not None and configured != num_steps:
-            said = f"{source}{num_steps}" if source.endswith("=") else f"{source} {num_steps}"
-            raise ValueError(
-                f"BWCacheConfig(num_inference_steps={configured}) disagrees with the steps run: {said} denoising "
-                "steps. Leave num_inference_steps unset to follow the pipeline, or set it to the steps you run."
-            )
-
-    def _restart(self, state: BWCacheState) -> None:
-        """A branch starts over: the first branch to do so starts a new generation, the others join it."""
-        if state.generation == self._generation:
-            self._generation += 1
-        state.reset()
-        state.generation = self._generation
-
     def _begin_step(self, state: BWCacheState, context: CacheContext, args, kwargs) -> None:
-        config = self.config
-        timestep = self._timestep(context, args, kwargs)
-        step, num_steps = self._locate(state, context, timestep)
-        if num_steps is None and config.threshold > 0:
-            raise ValueError(
-                "BWCache needs the number of denoising steps: apply it to the pipeline (apply_bwcache(pipe, ...)), "
-                "set BWCacheConfig(num_inference_steps=...), or call the transformer inside "
-                "transformer.cache_context(name, num_inference_steps=...)."
-            )
-        if num_steps is not None and not 0 <= step < num_steps:
-            raise ValueError(f"Step index {step} is outside 0..{num_steps - 1} (num_inference_steps={num_steps}).")
+        step, num_steps, timestep = self.steps.locate(state, context, args, kwargs)
         self._start_generation()
 
-        state.calls += 1
-        state.step = step
-        state.num_steps = num_steps
-        state.last_timestep = timestep
-        state.reuse_interval = config.resolved_reuse_interval(num_steps) if num_steps else None
-        state.step_distances = {}
-        state.step_measured = {}
-        state.step_reused = set()
-        state.chain_start = None
-        state.last_output = None
-        state.awaiting_feature = None
+        reuse_interval = self.config.resolved_reuse_interval(num_steps) if num_steps else None
+        state.start_step(step, num_steps, timestep, reuse_interval)
 
         self.policy.plan_step(state)
-        if state.computed_step and not state.need_residuals and config.mode == "paper":
-            _drop_residuals(state)
+        if self.policy.drops_residuals(state):
+            state.drop_residuals()
         if not state.computed_step and not state.residuals:
             raise RuntimeError(f"BWCache has no cached residual to reuse at step {step}.")
 
-        if config.record_trace:
-            offset = self._step_offset()
+        if self.config.record_trace:
+            at = self.steps.offset + step
             branch = self.trace.branch(context.name)
-            branch.ensure_step(offset + step)
-            branch.timesteps[offset + step] = timestep
-            branch.experts[offset + step] = self.expert
-
-    def _step_offset(self) -> int:
-        window = self.clock.windows.get(self.expert) if self.clock is not None else None
-        return window[0] if window is not None else 0
+            branch.ensure_step(at)
+            branch.timesteps[at] = timestep
+            branch.experts[at] = self.expert
 
     def _start_generation(self) -> None:
         """At the first call of a generation: refuse a cache stacked since, and start the trace afresh."""
-        key = ("clock", self.clock.generation) if self.clock is not None else (id(self), self._generation)
+        key = self.steps.generation_key
         if key == self._started:
             return
-        foreign = foreign_cache_hooks(self.module)
-        if getattr(unwrap_module(self.module), "_is_cached", False):
-            foreign.insert(0, "cache-dit")
-        if foreign:
-            raise ValueError(
-                f"Another cache was applied on top of BWCache ({', '.join(foreign[:3])}); two caches cannot share "
-                "one transformer. Remove one of them (bwcache.remove_bwcache(...) or transformer.disable_cache())."
-            )
-        cp_config = parallel.context_parallel_config(self.module)
-        if cp_config is not None:
-            parallel.check_model(self.module, cp_config)
+        refuse_stacked(self.module)
+        cp_config = parallel.checked_config(self.module)
         self._started = key
         if self.config.record_trace:
             self.trace.start_generation(key)
             self.trace.context_parallel = parallel.describe(cp_config) if cp_config is not None else None
 
     def _end_step(self, state: BWCacheState, branch_name: str) -> None:
-        distances, measured = _host_values(state.step_distances, state.step_measured, self.group)
+        distances, measured = self.distances.host_values(state.step_distances, state.step_measured)
         state.step_distances = {}
         state.step_measured = {}
         outcome = self.policy.close_step(state, distances, measured)
         if not self.policy.keeps_features(state):
-            state.features = [None] * len(self.blocks)
-            state.feature_norms = [None] * len(self.blocks)
+            state.drop_features()
         if state.computed_step and not self.policy.keeps_residuals(state):
             state.chain_start = None
-            _drop_residuals(state)
-        self._close_chain(state)
+            state.drop_residuals()
+        state.close_chain(self.cache_dtype)
         state.last_output = None
 
         if self.config.record_trace:
-            self.trace.note_held(self.expert, self._held_bytes())
+            self.trace.note_held(self.expert, _held_bytes(self.states.values()))
             branch = self.trace.branch(branch_name)
-            step = self._step_offset() + state.step
+            offset = self.steps.offset
+            step = offset + state.step
             branch.indicator[step] = outcome.indicator
             # The distances a block-wise reuse was decided on belong to the map too.
             for i, value in {**distances, **measured}.items():
                 branch.distance[step][i] = value
             for i in outcome.reused_blocks:
                 branch.reused[step][i] = True
-            trigger = None if outcome.trigger_step is None else self._step_offset() + outcome.trigger_step
-            branch.set_trigger(self.expert, trigger)
-
-    def _held_bytes(self) -> int:
-        """Bytes of the residuals and features every branch holds now (each storage counted once)."""
-        storages = {}
-        for state in self.states.values():
-            held = [t for pair in state.residuals.values() for t in pair] + state.features
-            held += [t for *pair, _ in state.previous_residuals.values() for t in pair]
-            for tensor in held:
-                if tensor is not None:
-                    storage = tensor.untyped_storage()
-                    storages[storage.data_ptr()] = storage.nbytes()
-        return sum(storages.values())
-
-    def _timestep(self, context: CacheContext, args, kwargs) -> float | None:
-        value = context.timestep
-        if value is None:
-            value = kwargs.get("timestep")
-            if value is None and self._timestep_index is not None and self._timestep_index < len(args):
-                value = args[self._timestep_index]
-        if isinstance(value, torch.Tensor):
-            return float(value.detach().flatten()[0]) if value.numel() else None
-        return float(value) if isinstance(value, (int, float)) else None
+            branch.set_trigger(self.expert, None if outcome.trigger_step is None else offset + outcome.trigger_step)
 
     # -- blocks (called by the block hooks, outside any compiled graph) ---------------------------------------
 
@@ -469,66 +369,58 @@ class BWCacheHook(ModelHook):
         state = self.active
         if state is None:
             return None
-        i = spec.index
-        hidden_states, encoder_hidden_states = _block_inputs(spec, args, kwargs)
+        i, policy = spec.index, self.policy
+        hidden_states, encoder_hidden_states = spec.inputs(args, kwargs)
         if not state.computed_step:
             return self._reuse_chain(spec, state, hidden_states, encoder_hidden_states)
-        plan = self.policy.measure(state, i, i in state.residuals)
+        plan = policy.measure(state, i, i in state.residuals)
 
         features = None
         if plan.measure and self.modulated:
             # The feature is the block's modulated attention input: measured by `modulated_input` as the block runs.
             state.awaiting_feature = i
         elif plan.measure:
-            features = self._features(hidden_states)
+            features = self.distances.features(hidden_states)
             if self._measure(state, i, features, plan.may_reuse):
                 return self._reuse_block(spec, state, hidden_states, encoder_hidden_states)
-        elif plan.may_reuse and self.policy.decide(state, i, None):
+        elif plan.may_reuse and policy.decide(state, i, None):
             # A schedule that reuses without measuring (static mode).
             state.step_reused.add(i)
             return self._reuse_block(spec, state, hidden_states, encoder_hidden_states)
 
-        if self.config.mode != "paper":
-            if plan.keep:
-                if self.policy.measures:
-                    self._keep_features(state, i, features if features is not None else self._features(hidden_states))
-            elif i in self.policy.indicator_blocks:
-                # No later step can reuse this block.
-                state.features[i] = state.feature_norms[i] = None
-                _drop_residuals(state, i)
-            self.policy.block_computed(state, i)
+        if not plan.keep:
+            if i in policy.indicator_blocks:
+                state.forget_block(i)
+        elif policy.references_computed_input:
+            self._keep_features(state, i, features if features is not None else self.distances.features(hidden_states))
+        policy.block_computed(state, i)
+        if not policy.chains_blocks:
+            # The block is a chain of its own.
             state.chain_heads[i] = True
             state.last_output = None
-            keep_residual = plan.keep and state.need_residuals
-        else:
-            keep_residual = state.need_residuals
-        self._open_chain(spec, state, hidden_states, encoder_hidden_states, keep_residual)
+        self._open_chain(spec, state, hidden_states, encoder_hidden_states, plan.keep and state.need_residuals)
         return None
 
-    def _features(self, tensor: torch.Tensor) -> torch.Tensor:
-        return _strided(tensor, self.config.indicator_token_stride, self._token_offset(tensor))
-
     def _measure(self, state: BWCacheState, i: int, features: torch.Tensor, may_reuse: bool) -> bool:
-        """Block i's distance to its reference feature; whether the block is reused (block-wise mode decides)."""
+        """Block i's distance to its reference feature; whether the block is reused (where the policy decides)."""
         reference = state.features[i]
         if reference is not None:
-            if state.feature_norms[i] is None:
-                state.feature_norms[i] = l1_norm(reference)
-            sums = _Sums(_difference_sum(features, reference), state.feature_norms[i],
-                         self.policy.distance_offset(state, i))
+            sums = self.distances.measure(features, reference, state.feature_norms[i],
+                                          self.policy.distance_offset(state, i))
+            state.feature_norms[i] = sums.norm
             if not may_reuse:
                 # Recorded, not decided on: divided (and summed over processes) with the step's others at its end.
                 state.step_distances[i] = sums
             else:
-                distance = float(self._divide_now(sums))
+                distance = float(self.distances.divide_now(sums))
                 if self.policy.decide(state, i, distance):
                     state.step_measured[i] = distance
                     state.step_reused.add(i)
-                    if self.config.accumulate_distance:
+                    if self.policy.moves_reference_on_reuse:
                         self._keep_features(state, i, features)
                     return True
                 state.step_distances[i] = distance
-        if self.config.mode == "paper":
+        if self.policy.references_previous_step:
             self._keep_features(state, i, features)
         return False
 
@@ -540,7 +432,7 @@ class BWCacheHook(ModelHook):
             return
         state.awaiting_feature = None
         features = kwargs.get("hidden_states", args[0] if args else None)
-        self._measure(state, spec.index, self._features(features), may_reuse=False)
+        self._measure(state, spec.index, self.distances.features(features), may_reuse=False)
 
     @torch.compiler.disable
     def after_block(self, spec: BlockSpec, output) -> None:
@@ -549,14 +441,20 @@ class BWCacheHook(ModelHook):
             return
         i = spec.index
         state.output_arity[i] = len(output) if isinstance(output, (tuple, list)) else None
-        state.last_output = _block_outputs(spec, output)
-        if state.keep_residual and self.config.mode != "paper":
-            self._close_chain(state)
+        state.last_output = spec.outputs(output)
+        if state.keep_residual and not self.policy.chains_blocks:
+            state.close_chain(self.cache_dtype)
+
+    def _keep_features(self, state: BWCacheState, i: int, features: torch.Tensor) -> None:
+        state.features[i] = _stored(features, self.config.indicator_token_stride, self.cache_dtype)
+        state.feature_norms[i] = None
+
+    # -- residual chains --------------------------------------------------------------------------------------
 
     def _reuse_chain(self, spec, state, hidden_states, encoder_hidden_states):
-        """Paper mode's reused step: the chain's first block adds the chain's residual, the others pass through."""
+        """A step that skips every block: the chain's first block adds the chain's residual, the others pass through."""
         i = spec.index
-        chained = self._is_chained(spec, state, hidden_states, encoder_hidden_states)
+        chained = state.is_chained(spec, hidden_states, encoder_hidden_states)
         if chained != (not state.chain_heads[i]):
             raise RuntimeError(
                 f"Block {spec.name} is fed differently than at the last computed step; BWCache cannot reuse it."
@@ -564,7 +462,7 @@ class BWCacheHook(ModelHook):
         if state.chain_heads[i]:
             return self._reuse_block(spec, state, hidden_states, encoder_hidden_states, remember=True)
         state.last_output = (hidden_states, encoder_hidden_states)
-        return _pack(spec, state.output_arity[i], hidden_states, encoder_hidden_states)
+        return spec.pack(state.output_arity[i], hidden_states, encoder_hidden_states)
 
     def _reuse_block(self, spec, state, hidden_states, encoder_hidden_states, remember=False):
         residual_hs, residual_ehs = self._residual_now(state, spec.index)
@@ -573,31 +471,7 @@ class BWCacheHook(ModelHook):
             encoder_hidden_states = encoder_hidden_states + residual_ehs
         if remember:
             state.last_output = (hidden_states, encoder_hidden_states)
-        return _pack(spec, state.output_arity[spec.index], hidden_states, encoder_hidden_states)
-
-    def _token_offset(self, hidden_states: torch.Tensor) -> int:
-        """Where this process's every-`stride`-th token starts, so that a sharded sequence samples the tokens one
-        process would (global indices 0, stride, 2·stride, …)."""
-        stride = self.config.indicator_token_stride
-        if self.group is None or stride == 1 or hidden_states.ndim < 2:
-            return 0
-        dim = 1 if hidden_states.ndim >= 3 else 0
-        length = hidden_states.shape[dim]
-        start = parallel.shard_start(self.group, length, parallel.context_parallel_config(self.module),
-                                     self._sequence_length)
-        return -start % stride
-
-    def _divide_now(self, sums: _Sums) -> torch.Tensor:
-        """A distance a block's decision waits for (summed over the context-parallel group first)."""
-        difference, norm = sums.difference, sums.norm
-        if self.group is not None:
-            difference, norm = parallel.all_reduce_sum(torch.stack([difference, norm]), self.group)
-        distance = _ratio(difference, norm)
-        return distance + sums.offset if sums.offset else distance
-
-    def _keep_features(self, state: BWCacheState, i: int, features: torch.Tensor) -> None:
-        state.features[i] = _stored(features, self.config.indicator_token_stride, self.cache_dtype)
-        state.feature_norms[i] = None
+        return spec.pack(state.output_arity[spec.index], hidden_states, encoder_hidden_states)
 
     def _open_chain(self, spec, state, hidden_states, encoder_hidden_states, keep_residual: bool) -> None:
         """Before a computed block: start a new chain at it, or extend the open one, when its residual is kept."""
@@ -605,69 +479,23 @@ class BWCacheHook(ModelHook):
         state.keep_residual = keep_residual
         if not keep_residual:
             return
-        chained = self.config.mode == "paper" and self._is_chained(spec, state, hidden_states, encoder_hidden_states)
+        chained = self.policy.chains_blocks and state.is_chained(spec, hidden_states, encoder_hidden_states)
         if not chained:
-            self._close_chain(state)
+            state.close_chain(self.cache_dtype)
             # The chain is recomputed now: its old residual is stale, and freeing it first lowers the peak (unless
             # it is the older point of an extrapolation).
-            self._retire_residual(state, i)
+            state.retire_residual(i, self.config.extrapolation > 0)
             start_hs = hidden_states
-            if self.config.mode == "paper":
+            if self.policy.chains_blocks:
                 # The chain's input is held while the chain runs; a compact copy lets the model free its own.
                 # (The text stream's is kept as is: whether a chain changed it is told by identity.)
                 start_hs = _compact(hidden_states, self.cache_dtype)
             state.chain_start = (i, start_hs, encoder_hidden_states if spec.has_encoder_stream else None)
         state.chain_heads[i] = not chained
 
-    def _is_chained(self, spec, state, hidden_states, encoder_hidden_states) -> bool:
-        """Whether this block is fed exactly what the block before it returned (same objects, both streams)."""
-        if state.last_output is None:
-            return False
-        last_hs, last_ehs = state.last_output
-        if hidden_states is not last_hs:
-            return False
-        if spec.has_encoder_stream:
-            return encoder_hidden_states is last_ehs
-        return True
-
-    def _close_chain(self, state: BWCacheState) -> None:
-        """Turn the open chain's input and the last block's output into the chain's cached residual."""
-        if state.chain_start is None or state.last_output is None:
-            state.chain_start = None
-            return
-        head, start_hs, start_ehs = state.chain_start
-        last_hs, last_ehs = state.last_output
-        state.residuals.pop(head, None)
-        residual_ehs = None
-        if start_ehs is not None and last_ehs is not None and last_ehs is not start_ehs:
-            residual_ehs = _compact(last_ehs - start_ehs, self.cache_dtype)
-        state.residuals[head] = (_compact(last_hs - start_hs, self.cache_dtype), residual_ehs)
-        state.residual_times[head] = _time(state)
-        state.chain_start = None
-
-    def _retire_residual(self, state: BWCacheState, head: int) -> None:
-        """Before chain `head` is recomputed: keep its residual as the previous one when extrapolating, else drop it."""
-        residual = state.residuals.pop(head, None)
-        if self.config.extrapolation > 0 and residual is not None:
-            state.previous_residuals[head] = (*residual, state.residual_times[head])
-        else:
-            state.previous_residuals.pop(head, None)
-
     def _residual_now(self, state: BWCacheState, head: int):
-        """The residual chain `head` adds at this step: the last computed one or, with `extrapolation` and two
-        computed, that far along the line through both towards this step's time."""
-        residual = state.residuals[head]
-        previous = state.previous_residuals.get(head)
-        if previous is None:
-            return residual
-        t1, t0 = state.residual_times[head], previous[2]
-        if t1 == t0:
-            return residual
-        factor = self.config.extrapolation * (_time(state) - t1) / (t1 - t0)
-        return tuple(
-            None if last is None else (last + (last - older) * factor if older is not None else last)
-            for last, older in zip(residual, previous[:2])
-        )
+        """The residual chain `head` adds at this step (extrapolated by `config.extrapolation`)."""
+        return state.residual_now(head, self.config.extrapolation)
 
 
 class BWCacheBlockHook(ModelHook):
@@ -709,69 +537,11 @@ def _skip_under_dynamo(function) -> None:
 _skip_under_dynamo(BWCacheBlockHook.new_forward)
 
 
-def _time(state: BWCacheState) -> float:
-    """Where this step lies on the scheduler's axis: its timestep when the model is given one, else its index."""
-    return float(state.step) if state.last_timestep is None else state.last_timestep
-
-
-def _drop_residuals(state: BWCacheState, head: int | None = None) -> None:
-    """Forget every residual of the branch (or of chain `head`), with what an extrapolation would need."""
-    if head is None:
-        state.residuals, state.residual_times, state.previous_residuals = {}, {}, {}
-        return
-    for held in (state.residuals, state.residual_times, state.previous_residuals):
-        held.pop(head, None)
-
-
-def _host_values(distances: dict, measured: dict, group=None) -> tuple[dict[int, float], dict[int, float]]:
-    """Both dicts of distances as floats: the undivided ones (`_Sums`) summed over `group` in one all-reduce and
-    divided, all of them brought to the host in one sync."""
-    pending = {i: v for i, v in distances.items() if isinstance(v, _Sums)}
-    values = {i: v for i, v in distances.items() if not isinstance(v, _Sums)}
-    if pending:
-        sums = torch.stack([p.difference for p in pending.values()] + [p.norm for p in pending.values()])
-        if group is not None:
-            parallel.all_reduce_sum(sums, group)
-        ratios = _ratio(sums[: len(pending)], sums[len(pending) :])
-        offsets = [p.offset for p in pending.values()]
-        if any(offsets):
-            ratios = ratios + torch.tensor(offsets, dtype=ratios.dtype, device=ratios.device)
-        values.update(zip(pending, ratios.tolist()))
-    return {i: values[i] for i in distances}, {i: float(v) for i, v in measured.items()}
-
-
-def _block_inputs(spec: BlockSpec, args, kwargs):
-    metadata = spec.metadata
-    hidden_states = metadata._get_parameter_from_args_kwargs(metadata.hidden_states_argument_name, args, kwargs)
-    encoder_hidden_states = None
-    if spec.has_encoder_stream:
-        try:
-            encoder_hidden_states = metadata._get_parameter_from_args_kwargs(
-                metadata.encoder_hidden_states_argument_name, args, kwargs
-            )
-        except ValueError:
-            encoder_hidden_states = None
-    return hidden_states, encoder_hidden_states
-
-
-def _block_outputs(spec: BlockSpec, output):
-    if not isinstance(output, (tuple, list)):
-        return output, None
-    metadata = spec.metadata
-    encoder_hidden_states = None
-    if metadata.return_encoder_hidden_states_index is not None:
-        encoder_hidden_states = output[metadata.return_encoder_hidden_states_index]
-    return output[metadata.return_hidden_states_index], encoder_hidden_states
-
-
-def _pack(spec: BlockSpec, arity: int | None, hidden_states, encoder_hidden_states):
-    """A block output of the same structure the block itself returns."""
-    if arity is None:
-        return hidden_states
-    output = [None] * arity
-    output[spec.metadata.return_hidden_states_index] = hidden_states
-    if spec.metadata.return_encoder_hidden_states_index is not None:
-        output[spec.metadata.return_encoder_hidden_states_index] = encoder_hidden_states
-    return tuple(output)
-
-
+def _held_bytes(states) -> int:
+    """Bytes of the residuals and features the branches hold now (each storage counted once)."""
+    storages = {}
+    for state in states:
+        for tensor in state.held_tensors():
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())

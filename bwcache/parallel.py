@@ -117,6 +117,14 @@ def _attention_backend(module: torch.nn.Module) -> str | None:
     return None
 
 
+def checked_config(module: torch.nn.Module):
+    """The module's `ContextParallelConfig` (`None` without parallelism), after refusing a setup it cannot run."""
+    cp_config = context_parallel_config(module)
+    if cp_config is not None:
+        check_model(module, cp_config)
+    return cp_config
+
+
 def check_model(module: torch.nn.Module, cp_config) -> None:
     """Refuse a context-parallel setup the model cannot run: heads Ulysses cannot split, a backend without it."""
     model = unwrap_module(module)

@@ -4,10 +4,15 @@ A policy reads and updates the decision fields of a branch's state (schedule, tr
 answers the hooks' questions at three points of a transformer call:
 
     plan_step(state)                        at its start: is this a computed step, which residuals are worth keeping
+    drops_residuals(state)                  then: is every residual cached so far past use?
     measure(state, i, has_residual)         before block i of a computed step: measure its distance? may it reuse?
     distance_offset(state, i)               what the decision adds to block i's measured distance
     decide(state, i, distance)              with that distance (block-wise mode): reuse block i?
     close_step(state, distances, measured)  at its end, with the step's distances as floats: indicator, trigger
+
+and says how its mode's reuse is done, which the mechanics follow without knowing the mode: whether blocks that feed
+each other share one residual (`chains_blocks`), and which feature a distance is measured from
+(`references_previous_step`, `references_computed_input`, `moves_reference_on_reuse`).
 
 The hooks call these through `torch.compiler.disable`d functions, so no decision is ever traced into a compiled
 graph, and the distances a policy sees are the only values it decides on (the one place a multi-process run must
@@ -28,7 +33,8 @@ class BlockPlan:
 
     measure: bool = False
     may_reuse: bool = False
-    # Keep the block's input as the reference of the next distance, and its residual for a later step.
+    # Whether a later step may reuse the block: its residual is kept (and its input as the reference of its next
+    # distance, where distances are measured from a computed block's input).
     keep: bool = True
 
 
@@ -46,14 +52,36 @@ class Policy:
 
     # Whether decisions rest on measured distances (a policy that never measures keeps no reference features).
     measures = True
+    # Whether a reused step skips every block, so that blocks which hand their output straight to the next one form
+    # chains whose residuals telescope: one residual per chain, added at its first block, the others pass their
+    # input through. Else each block decides, runs and keeps its residual on its own.
+    chains_blocks = False
+    # Whether each measured feature is the reference of the next step's distance (step-to-step distances). Else the
+    # reference is the input a block's residual was computed on.
+    references_previous_step = False
 
     def __init__(self, config: BWCacheConfig, indicator_blocks: set[int], num_blocks: int):
         self.config = config
         self.indicator_blocks = indicator_blocks
         self.num_blocks = num_blocks
 
+    @property
+    def references_computed_input(self) -> bool:
+        """Whether a computed block's input becomes the reference of its next distance (where its plan keeps it)."""
+        return self.measures and not self.references_previous_step
+
+    @property
+    def moves_reference_on_reuse(self) -> bool:
+        """Whether a block reused on its distance takes this step's feature as its next reference."""
+        return False
+
     def plan_step(self, state) -> None:
         raise NotImplementedError
+
+    def drops_residuals(self, state) -> bool:
+        """At the start of a step, after `plan_step`: whether no residual cached so far will be read again (this step
+        reuses none, and none is kept for a later one), so all of them are dropped now."""
+        return False
 
     def measure(self, state, i: int, has_residual: bool) -> BlockPlan:
         raise NotImplementedError
@@ -89,9 +117,16 @@ class PaperPolicy(Policy):
     `paper_schedule(k, T, R, tail_fraction, paper_tail_steps, tail_rule)`. After the trigger no distance is measured.
     """
 
+    chains_blocks = True
+    references_previous_step = True
+
     def plan_step(self, state) -> None:
         state.computed_step = state.schedule is None or state.schedule[state.step]
         state.need_residuals = state.computed_step and self._needs_residuals(state)
+
+    def drops_residuals(self, state) -> bool:
+        """A computed step reads no residual: those cached are dropped unless a later step may reuse them."""
+        return state.computed_step and not state.need_residuals
 
     def _needs_residuals(self, state) -> bool:
         """Whether a later step of this branch may reuse what this computed step produces."""
@@ -162,6 +197,11 @@ class BlockwisePolicy(Policy):
         observe = self.config.threshold == 0
         may_reuse = state.reuse_window and has_residual and state.consecutive[i] < state.reuse_interval
         return BlockPlan(measure=may_reuse or observe, may_reuse=may_reuse, keep=state.need_residuals or observe)
+
+    @property
+    def moves_reference_on_reuse(self) -> bool:
+        """With `accumulate_distance` distances add up step to step, so a reuse moves the reference along."""
+        return self.config.accumulate_distance
 
     def distance_offset(self, state, i: int) -> float:
         """With `accumulate_distance`, the sum of the distances since block i was last computed."""

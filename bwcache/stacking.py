@@ -53,6 +53,18 @@ def refuse_foreign(module: torch.nn.Module, model_name: str) -> None:
         )
 
 
+def refuse_stacked(module: torch.nn.Module) -> None:
+    """Raise when a cache was applied on top of BWCache since (diffusers' hooks, or cache-dit)."""
+    foreign = foreign_cache_hooks(module)
+    if getattr(unwrap_module(module), "_is_cached", False):
+        foreign.insert(0, "cache-dit")
+    if foreign:
+        raise ValueError(
+            f"Another cache was applied on top of BWCache ({', '.join(foreign[:3])}); two caches cannot share "
+            "one transformer. Remove one of them (bwcache.remove_bwcache(...) or transformer.disable_cache())."
+        )
+
+
 def _refused_enable_cache(module, config) -> None:
     raise ValueError(
         f"BWCache is applied to this {type(unwrap_module(module)).__name__}, so {type(config).__name__} cannot be "
