@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         if args.json:
             args.json.write_text(text_out)
     if processes > 1:
-        torch.distributed.destroy_process_group()
+        parallel.close_distributed()
     return 0
 
 

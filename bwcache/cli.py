@@ -8,10 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
 
 from .config import CACHE_SETTINGS
-from .parallel import KINDS, init_distributed, is_main_process
+from .parallel import KINDS, close_distributed, init_distributed, is_main_process
 from .pipelines import PipelineUnavailable
 from .report import OUTPUT_FILES
 from .settings import Setting, Settings
@@ -160,7 +159,7 @@ def _compare(args) -> int:
         return _run_compare(args, request)
     finally:
         if args.context_parallel:
-            dist.destroy_process_group()
+            close_distributed()
 
 
 def _run_compare(args, request: dict) -> int:

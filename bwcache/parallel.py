@@ -310,3 +310,11 @@ def init_distributed() -> str:
 def is_main_process() -> bool:
     """Rank 0, or the only process: the one that writes files and prints."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def close_distributed() -> None:
+    """Leave the process group once every process has reached this point: a process that tears its group down
+    while another still talks to it can abort at exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

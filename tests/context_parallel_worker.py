@@ -127,6 +127,7 @@ def bad_setups() -> dict[str, str | None]:
     messages["sequence"] = _error(
         lambda: wan(hidden_states=odd, timestep=torch.tensor([999.0]), encoder_hidden_states=torch.randn(1, 8, 32))
     )
+    dist.barrier()
     dist.destroy_process_group()
     messages["group-gone"] = _error(
         lambda: wan(hidden_states=torch.randn(WAN_LATENTS), timestep=torch.tensor([999.0]),
@@ -138,7 +139,7 @@ def bad_setups() -> dict[str, str | None]:
 def main(cases_path: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from bwcache.parallel import init_distributed
+    from bwcache.parallel import close_distributed, init_distributed
 
     init_distributed()
     torch.set_num_threads(1)
@@ -149,8 +150,7 @@ def main(cases_path: str, out_dir: str) -> None:
             torch.save(result, Path(out_dir) / f"{case['name']}.rank{rank}.pt")
         (Path(out_dir) / f"errors.rank{rank}.json").write_text(json.dumps(bad_setups()))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed()
 
 
 if __name__ == "__main__":
