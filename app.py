@@ -15,14 +15,10 @@ try:
 except ImportError:
     spaces = None
 
-import asyncio
-import functools
-import inspect
 import os
 import signal
 import threading
 from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
 
 import gradio as gr
@@ -30,11 +26,12 @@ import pandas as pd
 import torch
 
 from bwcache import ui
+from bwcache.ui import service
 from bwcache.config import CACHE_SETTINGS, BWCacheConfig
 from bwcache.pipelines import PipelineUnavailable, get_pipeline
 from bwcache.presets import DEFAULT_PROFILE, Preset
 from bwcache.report import summary_markdown
-from bwcache.runner import SETTING_KEYS, RunCancelled, run_comparison, run_sweep
+from bwcache.runner import run_comparison, run_sweep
 from bwcache.settings import Settings, short_repr
 
 ROOT = Path(__file__).resolve().parent
@@ -47,12 +44,8 @@ PIPELINE_OVERRIDES: dict[str, object] = {}
 MAX_RUNS = ui.max_runs(os.environ)
 # Uploads: the app takes none, so Gradio's upload route accepts nothing bigger than this.
 MAX_FILE_SIZE = "1mb"
-# One run at a time on the shared pipelines, held by the thread doing it until its run has really stopped: a
-# cancelled event frees its queue slot at once, but its thread finishes its denoising step first.
-PIPELINE_LOCK = threading.Lock()
-# The cancel event of the event handler this thread works for (see `cancellable`), and those of every run under way.
-_CANCEL: ContextVar[threading.Event | None] = ContextVar("bwcache_cancel", default=None)
-_RUNNING: set[threading.Event] = set()
+# One run at a time on the shared pipelines (`bwcache.ui.service`).
+PIPELINE_LOCK = service.PIPELINE_LOCK
 
 ON_ZERO_GPU = spaces is not None and bool(spaces.config.Config.zero_gpu)
 # On a Hugging Face Space the app offers the presets whose weights the Space preloads (README front matter).
@@ -61,9 +54,6 @@ PRESETS = ui.available_presets(space=ON_SPACE)
 DEFAULT_PRESET = ui.default_preset_name(PRESETS)
 EXAMPLES = ui.list_examples(EXAMPLES_DIR, PRESETS)
 PEER_CHOICES = [("none", ui.NO_PEER)] + [(label, key) for key, label in ui.PEER_METHODS.items()]
-DEFAULT_SWEEP = "0.05, 0.1, 0.15, 0.2, 0.3"
-# The generation fields of the form, after the prompts.
-GENERATION_FIELDS = tuple(key for key in SETTING_KEYS if key not in ("prompt", "negative_prompt"))
 
 # Plotly skips resizing a plot while it is hidden; the tab becomes visible a frame after its select event.
 REFIT_PLOTS = "() => { requestAnimationFrame(() => requestAnimationFrame(() => window.dispatchEvent(new Event('resize')))); }"
@@ -170,17 +160,8 @@ _compare_on_gpu = gpu(duration=_comparison_seconds)(_compare_work)
 
 
 def _run_comparison(preset_name, request, compare_with=None, progress=None):
-    work, cancel = _placed(PRESETS[preset_name], _compare_on_gpu, _compare_work)
-    with PIPELINE_LOCK:
-        return work(preset_name, request, compare_with, progress=progress, cancel=cancel)
-
-
-def _placed(spec, on_gpu, here):
-    """The function to run a preset's work with, and the cancel event to give it: a ZeroGPU worker process cannot
-    share one (it stops when ZeroGPU's call ends)."""
-    if not ui.needs_gpu(spec):
-        return here, _CANCEL.get()
-    return on_gpu, None if ON_ZERO_GPU else _CANCEL.get()
+    return service.run_placed(ui.needs_gpu(PRESETS[preset_name]), ON_ZERO_GPU, _compare_on_gpu, _compare_work,
+                              preset_name, request, compare_with, progress=progress)
 
 
 def _sweep_seconds(preset_name, request, thresholds, progress=None, cancel=None):
@@ -200,84 +181,17 @@ _sweep_on_gpu = gpu(duration=_sweep_seconds)(_sweep_work)
 
 
 def _run_sweep(preset_name, request, thresholds, progress=None):
-    work, cancel = _placed(PRESETS[preset_name], _sweep_on_gpu, _sweep_work)
-    with PIPELINE_LOCK:
-        return work(preset_name, request, thresholds, progress=progress, cancel=cancel)
+    return service.run_placed(ui.needs_gpu(PRESETS[preset_name]), ON_ZERO_GPU, _sweep_on_gpu, _sweep_work,
+                              preset_name, request, thresholds, progress=progress)
 
 
 def _save(kind, write) -> dict:
-    """A finished run's files in a new folder (which appears only once complete), unless the event was cancelled
-    meanwhile; then the oldest folders beyond MAX_RUNS go, never the new one."""
-    cancel = _CANCEL.get()
-    if cancel is not None and cancel.is_set():
-        raise RunCancelled("cancelled before its files were written")
-    paths = ui.save_run_folder(OUTPUT_ROOT, kind, write)
-    ui.prune_runs(OUTPUT_ROOT, MAX_RUNS, in_use={Path(next(iter(paths.values()))).parent.name})
-    return paths
-
-
-def cancellable(function):
-    """The event handler Gradio runs for `function`: the work goes to a thread, and a cancelled event (which Gradio
-    answers by cancelling this coroutine) sets the run's cancel event, so the run stops at its next step, writes
-    nothing, and lets go of the pipeline."""
-
-    @functools.wraps(function)
-    async def handler(*args, **kwargs):
-        cancel = threading.Event()
-        token = _CANCEL.set(cancel)
-        _RUNNING.add(cancel)
-        try:
-            # `to_thread` runs in a copy of this context: the thread sees the cancel event.
-            return await asyncio.to_thread(function, *args, **kwargs)
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
-        finally:
-            _RUNNING.discard(cancel)
-            _CANCEL.reset(token)
-
-    return handler
+    return service.save_run(OUTPUT_ROOT, kind, write, MAX_RUNS)
 
 
 # ----------------------------------------------------------------------------- endpoints
-# The compare and sweep endpoints take the form's fields by name; their parameters (the API's, in this order)
-# follow the settings description, so a described setting is an API parameter as soon as the form offers it.
-
-
-def compare_parameters(settings: Settings = CACHE_SETTINGS) -> list[str]:
-    main = [s.name for s in settings.form if s.form == "main"]
-    advanced = [s.name for s in settings.form if s.form == "advanced"]
-    return ["prompt", "preset", *main, "seed", "negative_prompt", *GENERATION_FIELDS, *advanced, "randomize_seed",
-            "compare_with", "profile"]
-
-
-def sweep_parameters(settings: Settings = CACHE_SETTINGS) -> list[str]:
-    cache = [s.name for s in settings.form if s.name != "threshold"]
-    return ["prompt", "preset", "thresholds", "seed", "negative_prompt", *GENERATION_FIELDS, *cache, "profile"]
-
-
-_DEFAULTS = {"preset": None, "randomize_seed": False, "compare_with": ui.NO_PEER, "thresholds": DEFAULT_SWEEP}
-
-
-def endpoint(work, names: list[str], doc: str):
-    """A function taking `names` (positionally, in order, or by name; left out: the preset's default) and Gradio's
-    progress tracker, calling `work(values, progress)`; its signature is what Gradio lists as the API."""
-    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=_DEFAULTS.get(name))
-                  for name in names]
-    parameters.append(inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress()))
-    signature = inspect.Signature(parameters)
-
-    def call(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        values = dict(bound.arguments)
-        progress = values.pop("progress")
-        return work(values, progress)
-
-    call.__signature__ = signature
-    call.__doc__ = doc
-    call.__name__ = work.__name__.lstrip("_")
-    return call
+# The compare and sweep endpoints take the form's fields by name; their parameters (the API's) follow the settings
+# description (`bwcache.ui.fields`), so a described setting is an API parameter as soon as the form offers it.
 
 
 def _compare(values, progress):
@@ -319,7 +233,7 @@ def _sweep(values, progress):
     return ui.sweep_plot(result), pd.DataFrame(ui.sweep_table(result), columns=ui.SWEEP_HEADERS), paths["csv"], tuning
 
 
-compare = endpoint(_compare, compare_parameters(), """Run the prompt without and with BWCache on the preset's model
+compare = ui.endpoint(_compare, ui.compare_parameters(), progress=gr.Progress(), doc="""Run the prompt without and with BWCache on the preset's model
 (same seed and settings).
 
 Settings left empty take the preset's defaults; cache settings left empty take those of the preset's `profile`
@@ -327,7 +241,7 @@ Settings left empty take the preset's defaults; cache settings left empty take t
 heatmap, a Markdown summary, the run record (speedup, baseline_seconds, bwcache_seconds, psnr, ssim, reuse_fraction,
 trace, ...), the seed used, the peer cache's video (when `compare_with` names one) and the run's files.""")
 
-sweep = endpoint(_sweep, sweep_parameters(), """Run the cached pipeline at several δ against one uncached run:
+sweep = ui.endpoint(_sweep, ui.sweep_parameters(), progress=gr.Progress(), doc="""Run the cached pipeline at several δ against one uncached run:
 measured speedup, PSNR and SSIM per δ.
 
 `thresholds` is text such as "0.05, 0.1, 0.2" (at most 8 values from 0 to 1). Returns the speed-vs-fidelity figure,
@@ -337,19 +251,9 @@ the table and a CSV file.""")
 # ----------------------------------------------------------------------------- form and views
 
 
-def form_keys(settings: Settings = CACHE_SETTINGS) -> list[str]:
-    """The controls a preset fills, in the order `fill_preset` returns them (then the notes)."""
-    return ["prompt", "negative_prompt", *GENERATION_FIELDS, "seed", "profile", *(s.name for s in settings.form)]
-
-
-def profile_keys(settings: Settings = CACHE_SETTINGS) -> list[str]:
-    """The controls a cache profile sets, in the order `fill_profile` returns them."""
-    return [*(s.name for s in settings.form), "profile"]
-
-
 def _form_updates(preset, values=None):
     form = ui.preset_form(preset, values)
-    updates = [gr.update(**form[key]) for key in form_keys(preset.settings)]
+    updates = [gr.update(**form[key]) for key in ui.form_keys(preset.settings)]
     return updates + [ui.preset_notes(preset)]
 
 
@@ -365,7 +269,7 @@ def fill_profile(preset, profile):
         raise gr.Error(f"Profile must be one of {', '.join(spec.profile_names)} for {spec.label}, "
                        f"got {short_repr(profile)}.", title="Invalid settings", print_exception=False)
     form = ui.preset_form(spec, {"profile": profile})
-    return [gr.update(**form[key]) for key in profile_keys(spec.settings)]
+    return [gr.update(**form[key]) for key in ui.profile_keys(spec.settings)]
 
 
 def show_run(record, view, branch, log_color):
@@ -420,7 +324,7 @@ def load_example(prompt, preset, threshold, seed):
         ui.download_list(paths), record,
     ]
     form = _form_updates(spec, values)
-    return run + [update for key, update in zip(form_keys(spec.settings) + ["notes"], form) if key != "seed"]
+    return run + [update for key, update in zip(ui.form_keys(spec.settings) + ["notes"], form) if key != "seed"]
 
 
 # ----------------------------------------------------------------------------- layout
@@ -536,7 +440,7 @@ def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
                     with gr.Tab("Sweep") as sweep_tab:
                         gr.Markdown("Measured, not predicted: one uncached run, then the cached pipeline at each δ.")
                         with gr.Row():
-                            thresholds = gr.Textbox(DEFAULT_SWEEP, label="δ values", info="comma-separated, 0 to 1",
+                            thresholds = gr.Textbox(ui.DEFAULT_SWEEP, label="δ values", info="comma-separated, 0 to 1",
                                                     scale=3)
                             sweep_button = gr.Button("Sweep", scale=1, elem_id="sweep-button")
                         sweep_plot = gr.Plot(label="Speed vs fidelity")
@@ -549,8 +453,8 @@ def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
         controls["thresholds"] = thresholds
         # What a preset or a profile fills: a slider's visible control, which copies into its sent field.
         shown = {**controls, **sliders}
-        form = [shown[key] for key in form_keys(settings)] + [notes]
-        profile_form = [shown[key] for key in profile_keys(settings)]
+        form = [shown[key] for key in ui.form_keys(settings)] + [notes]
+        profile_form = [shown[key] for key in ui.profile_keys(settings)]
         run_outputs = [baseline_video, bwcache_video, heatmap, summary, record_json, controls["seed"], peer_video,
                        downloads, run_state]
         example_outputs = run_outputs + [c for c in form if c not in run_outputs]
@@ -568,8 +472,8 @@ def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
         run.click(lambda: (None, None, "", None), None, [baseline_video, bwcache_video, summary, heatmap],
                   queue=False, api_visibility="private")
         run.click(
-            cancellable(endpoint(_compare, compare_parameters(settings), compare.__doc__)),
-            [controls[name] for name in compare_parameters(settings)],
+            service.cancellable(ui.endpoint(_compare, ui.compare_parameters(settings), compare.__doc__, gr.Progress())),
+            [controls[name] for name in ui.compare_parameters(settings)],
             run_outputs,
             api_name="compare",
             concurrency_limit=1,
@@ -600,8 +504,8 @@ def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
         for tab in (comparison_tab, tuning_tab, sweep_tab):
             tab.select(None, None, None, js=REFIT_PLOTS, queue=False, api_visibility="private")
         sweep_button.click(
-            cancellable(endpoint(_sweep, sweep_parameters(settings), sweep.__doc__)),
-            [controls[name] for name in sweep_parameters(settings)],
+            service.cancellable(ui.endpoint(_sweep, ui.sweep_parameters(settings), sweep.__doc__, gr.Progress())),
+            [controls[name] for name in ui.sweep_parameters(settings)],
             [sweep_plot, sweep_table, sweep_file, tuning_state],
             api_name="sweep",
             concurrency_limit=1,
@@ -655,8 +559,7 @@ def launch(**overrides):
 def _stop(signum, frame):
     """SIGTERM: runs under way stop at their next step and write nothing, no half-written run folder stays behind;
     then the server stops as on Ctrl-C."""
-    for cancel in list(_RUNNING):
-        cancel.set()
+    service.cancel_all()
     ui.remove_partial_runs(OUTPUT_ROOT)
     raise KeyboardInterrupt
 

@@ -1,8 +1,17 @@
 """Pure helpers behind the comparison app, importable and testable without Gradio: presets as form values
-(`forms`), checks of what users send (`requests`), GPU budgets (`budget`), run folders and examples (`runs`), and
+(`forms`), the app's fields by name (`fields`), checks of what users send (`requests`), GPU budgets (`budget`), run folders and examples (`runs`), and
 run records shaped for the views (`views`)."""
 
 from .budget import GPU_OVERHEAD_SECONDS, GPU_SECONDS_PER_STEP, GPU_STEP_FLOOR, gpu_seconds, needs_gpu, oom_message
+from .fields import (
+    DEFAULT_SWEEP,
+    GENERATION_FIELDS,
+    compare_parameters,
+    endpoint,
+    form_keys,
+    profile_keys,
+    sweep_parameters,
+)
 from .forms import available_presets, default_preset_name, preset_form, preset_notes, profile_info
 from .requests import (
     MAX_SWEEP_POINTS,
