@@ -2,7 +2,17 @@
 (`forms`), checks of what users send (`requests`), GPU budgets (`budget`), run folders and examples (`runs`), and
 run records shaped for the views (`views`)."""
 
-from .budget import GPU_OVERHEAD_SECONDS, GPU_SECONDS_PER_STEP, GPU_STEP_FLOOR, gpu_seconds, needs_gpu, oom_message
+from .budget import (
+    WAN_SHAPES,
+    ZEROGPU_CALL_LIMIT_SECONDS,
+    check_gpu_budget,
+    comparison_runs,
+    estimate_seconds,
+    gpu_seconds,
+    needs_gpu,
+    oom_message,
+    sweep_runs,
+)
 from .forms import available_presets, default_preset_name, preset_form, preset_notes, profile_info
 from .requests import (
     MAX_SWEEP_POINTS,
