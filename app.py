@@ -142,9 +142,7 @@ def _device(spec) -> str | None:
 
 def _comparison_seconds(preset_name, request, compare_with=None, progress=None, cancel=None):
     preset = PRESETS[preset_name]
-    # Warm-up, uncached and cached runs, the peer's run, and MagCache's calibration run.
-    runs = 3 + (compare_with is not None) + (compare_with == "magcache")
-    return ui.gpu_seconds(preset, ui.resolved_settings(preset, request), runs=runs)
+    return ui.gpu_seconds(preset, ui.resolved_settings(preset, request), runs=ui.comparison_runs(compare_with))
 
 
 def _compare_work(preset_name, request, compare_with=None, progress=None, cancel=None):
@@ -166,7 +164,7 @@ def _run_comparison(preset_name, request, compare_with=None, progress=None):
 
 def _sweep_seconds(preset_name, request, thresholds, progress=None, cancel=None):
     preset = PRESETS[preset_name]
-    return ui.gpu_seconds(preset, ui.resolved_settings(preset, request), runs=2 + len(thresholds))
+    return ui.gpu_seconds(preset, ui.resolved_settings(preset, request), runs=ui.sweep_runs(thresholds))
 
 
 def _sweep_work(preset_name, request, thresholds, progress=None, cancel=None):
@@ -201,6 +199,8 @@ def _compare(values, progress):
         peer = ui.parse_peer(values.pop("compare_with"))
         request = ui.check_request(spec, **values)
         settings = ui.resolved_settings(spec, request)
+        if ON_ZERO_GPU:  # refused before ZeroGPU schedules anything, naming what would fit
+            ui.check_gpu_budget(spec, settings, runs=ui.comparison_runs(peer))
     with _user_errors(spec, settings):
         comparison = _run_comparison(spec.name, request, peer, progress=progress)
     paths = _save("run", lambda folder: ui.save_run(comparison, folder))
@@ -225,6 +225,8 @@ def _sweep(values, progress):
         values["seed"] = ui.check_seed(values.get("seed"))
         request = ui.check_request(spec, **values)
         settings = ui.resolved_settings(spec, request)
+        if ON_ZERO_GPU:
+            ui.check_gpu_budget(spec, settings, runs=ui.sweep_runs(thresholds), sweep=True)
     with _user_errors(spec, settings):
         result = _run_sweep(spec.name, request, thresholds, progress=progress)
     paths = _save("sweep", lambda folder: ui.save_sweep(result, folder))

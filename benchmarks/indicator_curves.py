@@ -25,7 +25,8 @@ from bwcache import BWCacheConfig, cached  # noqa: E402
 from bwcache.bench import TINY_PROMPTS  # noqa: E402
 from bwcache.pipelines import get_pipeline  # noqa: E402
 from bwcache.presets import load_preset  # noqa: E402
-from bwcache.runner import call_kwargs, resolve_settings  # noqa: E402
+from bwcache.pipelines import call_kwargs  # noqa: E402
+from bwcache.runner import resolve_settings  # noqa: E402
 from bwcache.svg import Drawing  # noqa: E402
 
 FEATURES = {"hidden_states": "hidden-states input", "modulated": "modulated attention input"}

@@ -17,6 +17,14 @@ Schema (every key required; ``hub_id``, ``pipeline_class`` and
               {"fast": {"note": "...", "bwcache": {keys of bwcache to change}}}
               (the default profile, "default", is the bwcache section itself)
     recommended_gpu_memory_gb, notes
+    loading (optional): how the checkpoint is loaded, beyond `dtype` (`bwcache.pipelines.loading_plan`):
+              component_dtypes: {component: dtype}, overriding `dtype` for named components (e.g. {"vae": "float32"})
+              flow_shift: the scheduler's shift, one number or one per size class ({"480p": 3.0, "720p": 5.0}; a
+                          request takes the class nearest its pixel count, `SIZE_CLASSES`)
+              vae_tiling: true to decode in tiles (`pipe.vae.enable_tiling()`)
+              cpu_offload: "model" to load with `pipe.enable_model_cpu_offload()` (one model on the GPU at a time)
+              call_defaults: extra pipeline call arguments (`CALL_DEFAULTS`: guidance_scale_2, the low-noise
+                          expert's guidance of two-expert pipelines), which a request may change
 
 Loading checks the schema and that the preset's own defaults pass its limits.
 """
@@ -37,7 +45,10 @@ from .config import CACHE_SETTINGS
 from .settings import Settings, is_int as _is_int
 
 __all__ = [
+    "CALL_DEFAULTS",
+    "DTYPE_NAMES",
     "PRESETS_DIR",
+    "SIZE_CLASSES",
     "Preset",
     "load_preset",
     "list_presets",
@@ -54,7 +65,7 @@ _TOP_KEYS = (
     "name", "label", "kind", "hub_id", "pipeline_class", "dtype",
     "defaults", "limits", "bwcache", "recommended_gpu_memory_gb", "notes",
 )
-_OPTIONAL_TOP = ("profiles",)
+_OPTIONAL_TOP = ("profiles", "loading")
 _NULLABLE_TOP = {"hub_id", "pipeline_class", "recommended_gpu_memory_gb"}
 _DEFAULT_KEYS = (
     "prompt", "negative_prompt", "height", "width", "num_frames",
@@ -62,6 +73,15 @@ _DEFAULT_KEYS = (
 )
 _LIMIT_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "prompt_max_chars")
 DEFAULT_PROFILE = "default"
+
+# The dtypes a preset may name (`dtype`, `loading.component_dtypes`).
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# Size classes a per-size `loading.flow_shift` may name, as (height, width) of the size the models' docs mean.
+SIZE_CLASSES = {"480p": (480, 832), "720p": (720, 1280)}
+# Pipeline call arguments beyond the request's settings that `loading.call_defaults` may set.
+CALL_DEFAULTS = ("guidance_scale_2",)
+_LOADING_KEYS = ("component_dtypes", "flow_shift", "vae_tiling", "cpu_offload", "call_defaults")
+CPU_OFFLOAD_MODES = ("model",)
 
 _RULE_RE = re.compile(r"^\s*(\d+)\s*k\s*(?:\+\s*(\d+))?\s*$")
 
@@ -127,6 +147,7 @@ class Preset:
     profiles: Mapping[str, Any] = field(hash=False)
     recommended_gpu_memory_gb: float | None
     notes: str
+    loading: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
     path: Path | None = field(default=None, compare=False)
     # The cache settings its `bwcache` section and profiles were checked against, and build configs with.
     settings: Settings = field(default=CACHE_SETTINGS, compare=False, hash=False, repr=False)
@@ -149,6 +170,7 @@ class Preset:
             profiles=_freeze(data.get("profiles", {})),
             recommended_gpu_memory_gb=data["recommended_gpu_memory_gb"],
             notes=data["notes"],
+            loading=_freeze(data.get("loading", {})),
             path=path,
             settings=settings,
         )
@@ -182,6 +204,18 @@ class Preset:
             values.update({key: _thaw(value) for key, value in self.profiles[profile]["bwcache"].items()})
         return values
 
+    def flow_shift(self, height: int, width: int) -> float | None:
+        """The scheduler shift `loading.flow_shift` gives a video of this size (None: the scheduler's own): its one
+        value, or that of the size class (`SIZE_CLASSES`) nearest the size's pixel count, by ratio."""
+        shift = self.loading.get("flow_shift")
+        if shift is None or _is_number(shift):
+            return shift
+        return shift[size_class(height, width, tuple(shift))]
+
+    def call_defaults(self) -> dict:
+        """Extra pipeline call arguments the preset sets (`loading.call_defaults`)."""
+        return dict(self.loading.get("call_defaults", {}))
+
     def validate_request(
         self,
         *,
@@ -191,6 +225,7 @@ class Preset:
         num_frames: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_scale_2: float | None = None,
     ) -> dict:
         """Check generation settings against this preset's limits.
 
@@ -245,12 +280,26 @@ class Preset:
                     f"Guidance scale = {guidance_scale} is outside the allowed range {lo} to {hi} for {self.label}"
                 )
             checked["guidance_scale"] = float(guidance_scale)
+        if guidance_scale_2 is not None:
+            if "guidance_scale_2" not in self.call_defaults():
+                raise ValueError(f"{self.label} has one guidance scale; guidance_scale_2 is for two-expert models")
+            lo, hi = lim["guidance_scale"][:2]
+            if not _is_number(guidance_scale_2) or not lo <= guidance_scale_2 <= hi:
+                raise ValueError(f"Guidance scale 2 = {guidance_scale_2!r} is outside the allowed range {lo} to {hi} "
+                                 f"for {self.label}")
+            checked["guidance_scale_2"] = float(guidance_scale_2)
         return checked
 
 
 _REQUEST_FIELDS = ("prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale")
 # The fields as the app labels them, for messages.
 _LABELS = {"height": "Height", "width": "Width"}
+
+
+def size_class(height: int, width: int, names=tuple(SIZE_CLASSES)) -> str:
+    """The size class among `names` whose pixel count is nearest `height` × `width`'s, by ratio."""
+    pixels = height * width
+    return min(names, key=lambda n: abs(math.log(pixels / (SIZE_CLASSES[n][0] * SIZE_CLASSES[n][1]))))
 
 
 def _need_int(fname: str, value: Any) -> int:
@@ -276,6 +325,8 @@ def _check_schema(data: Any, source: str, settings: Settings) -> None:
     for key in ("name", "label", "kind", "dtype", "notes"):
         if not isinstance(data[key], str):
             fail(f"key {key!r} must be a string")
+    if data["dtype"] not in DTYPE_NAMES:
+        fail(f"dtype {data['dtype']!r} must be one of {', '.join(DTYPE_NAMES)}")
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", data["name"]):
         fail(f"name {data['name']!r} must be lower-case letters, digits, '.', '_' or '-'")
     for key in ("hub_id", "pipeline_class"):
@@ -355,6 +406,51 @@ def _check_schema(data: Any, source: str, settings: Settings) -> None:
         if unknown:
             fail(f"profiles.{name}: unknown bwcache key(s) {unknown}")
         check_cache({**b, **profile["bwcache"]}, f"profiles.{name}: ")
+    _check_loading(data.get("loading", {}), data, fail)
+
+
+def _check_loading(loading: Any, data: Mapping, fail) -> None:
+    if not isinstance(loading, Mapping):
+        fail("'loading' must be an object")
+    unknown = sorted(set(loading) - set(_LOADING_KEYS))
+    if unknown:
+        fail(f"unknown loading key(s) {unknown}; allowed: {list(_LOADING_KEYS)}")
+    dtypes = loading.get("component_dtypes", {})
+    if not isinstance(dtypes, Mapping):
+        fail("loading.component_dtypes must be an object of component name -> dtype")
+    for component, dtype in dtypes.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", component) or component == "default":
+            fail(f"loading.component_dtypes: {component!r} is not a component name (such as 'vae' or 'transformer')")
+        if dtype not in DTYPE_NAMES:
+            fail(f"loading.component_dtypes.{component} must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    shift = loading.get("flow_shift")
+    if shift is not None:
+        values = shift.items() if isinstance(shift, Mapping) else [(None, shift)]
+        if isinstance(shift, Mapping) and not shift:
+            fail("loading.flow_shift must name at least one size class")
+        for size, value in values:
+            where = "loading.flow_shift" + (f".{size}" if size is not None else "")
+            if size is not None and size not in SIZE_CLASSES:
+                fail(f"{where}: unknown size class; use one of {', '.join(SIZE_CLASSES)}")
+            if not _is_number(value) or value <= 0:
+                fail(f"{where} must be a number > 0 (or an object of size class -> number), got {value!r}")
+    if "vae_tiling" in loading and not isinstance(loading["vae_tiling"], bool):
+        fail("loading.vae_tiling must be true or false")
+    offload = loading.get("cpu_offload")
+    if offload is not None and offload not in CPU_OFFLOAD_MODES:
+        fail(f"loading.cpu_offload must be null or one of {list(CPU_OFFLOAD_MODES)}, got {offload!r}")
+    extras = loading.get("call_defaults", {})
+    if not isinstance(extras, Mapping):
+        fail("loading.call_defaults must be an object")
+    unknown = sorted(set(extras) - set(CALL_DEFAULTS))
+    if unknown:
+        fail(f"unknown loading.call_defaults key(s) {unknown}; allowed: {list(CALL_DEFAULTS)}")
+    if "guidance_scale_2" in extras:
+        lo, hi = data["limits"]["guidance_scale"][:2]
+        value = extras["guidance_scale_2"]
+        if not _is_number(value) or not lo <= value <= hi:
+            fail(f"loading.call_defaults.guidance_scale_2 must be a number from {lo} to {hi} "
+                 f"(limits.guidance_scale), got {value!r}")
 
 
 def _read(path: Path, settings: Settings = CACHE_SETTINGS) -> Preset:

@@ -23,7 +23,7 @@ from .config import CACHE_SETTINGS, BWCacheConfig
 from .apply import cached
 from .instruments import block_timer, synchronize
 from .metrics import compare_videos
-from .pipelines import call_kwargs, default_device, device_name, get_pipeline
+from .pipelines import default_device, prepare_call, device_name, get_pipeline
 from .presets import DEFAULT_PROFILE, Preset, load_preset
 from .resources import package_version
 from .tuning import ideal_speedup
@@ -113,7 +113,7 @@ def _frames(output) -> np.ndarray:
 
 def generate(pipe, preset: Preset, settings: dict, device: str, on_step: Callable[[int], None] | None = None):
     """One timed generation: returns (frames, seconds). The seed fixes the initial noise on the CPU for all devices."""
-    kwargs = call_kwargs(preset, settings)
+    kwargs = prepare_call(pipe, preset, settings)
     generator = torch.Generator("cpu").manual_seed(settings["seed"])
 
     def callback(pipeline, step, timestep, callback_kwargs):

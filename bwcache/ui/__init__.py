@@ -1,8 +1,18 @@
 """Pure helpers behind the comparison app, importable and testable without Gradio: presets as form values
-(`forms`), the app's fields by name (`fields`), checks of what users send (`requests`), GPU budgets (`budget`), run folders and examples (`runs`), and
-run records shaped for the views (`views`)."""
+(`forms`), the app's fields by name (`fields`), checks of what users send (`requests`), GPU budgets (`budget`), run
+folders and examples (`runs`), the run service (`service`), and run records shaped for the views (`views`)."""
 
-from .budget import GPU_OVERHEAD_SECONDS, GPU_SECONDS_PER_STEP, GPU_STEP_FLOOR, gpu_seconds, needs_gpu, oom_message
+from .budget import (
+    WAN_SHAPES,
+    ZEROGPU_CALL_LIMIT_SECONDS,
+    check_gpu_budget,
+    comparison_runs,
+    estimate_seconds,
+    gpu_seconds,
+    needs_gpu,
+    oom_message,
+    sweep_runs,
+)
 from .fields import (
     DEFAULT_SWEEP,
     GENERATION_FIELDS,

@@ -133,19 +133,6 @@ def test_the_cpu_preset_runs_outside_the_gpu_function(monkeypatch, tmp_path):
     assert Path(baseline).is_file()
 
 
-def test_the_duration_is_calibrated_from_seconds_per_step():
-    spec = app.PRESETS[WAN]
-    seconds, frames, height, width, _ = ui.GPU_SECONDS_PER_STEP[spec.hub_id]
-    settings = {"num_inference_steps": 30, "num_frames": frames, "height": height, "width": width}
-    # At the measured size: overhead + 3 runs × 30 steps × the measured seconds, with a 20% margin.
-    assert ui.gpu_seconds(spec, settings, runs=3) == int(ui.GPU_OVERHEAD_SECONDS + 3 * 30 * seconds * 1.2)
-    smaller = ui.gpu_seconds(spec, {**settings, "num_frames": 33}, runs=3)
-    assert 30 <= smaller < ui.gpu_seconds(spec, settings, runs=3)
-    # However small the video, a step costs at least the floor's share.
-    tiny = ui.gpu_seconds(spec, {**settings, "num_frames": 5, "num_inference_steps": 100}, runs=3)
-    assert tiny >= int(ui.GPU_OVERHEAD_SECONDS + 3 * 100 * seconds * ui.GPU_STEP_FLOOR * 1.2)
-
-
 def test_the_space_bundle_pins_a_torch_zerogpu_runs(tmp_path):
     import importlib.util
 
