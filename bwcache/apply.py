@@ -63,7 +63,7 @@ class BWCacheHandle:
     def reset(self) -> None:
         """Forget all cached state and the trace, as before the first generation."""
         for hook in self.hooks:
-            hook.reset_state(hook.module)
+            hook.start_afresh(hook.module)
         self.trace.clear()
         self.trace.generation = None
 

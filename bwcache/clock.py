@@ -14,8 +14,12 @@ Each cached transformer places its calls with a `StepLocator`. State is kept per
 `uncond`, … as pipelines set them; a call with no context runs in a branch named `default`). Applied to a pipeline,
 the step count, the step index and the start of each generation come from the pipeline clock. Applied to a
 transformer alone, they come from the context's `step_index` and `num_inference_steps`, or
-`BWCacheConfig.num_inference_steps` and counting calls per branch, and a call whose timestep is not below its
-branch's previous one starts a new generation.
+`BWCacheConfig.num_inference_steps` and counting calls per branch, and a call whose timestep is above its branch's
+previous one starts a new generation (an equal one is a second-order scheduler's second call at that timestep).
+
+Timesteps. With a pipeline clock the host already has every timestep (the scheduler's list, read once per
+generation), so a call reads none from the device. A timestep tensor is read as its largest value: the noise level of
+the tokens being denoised, where a pipeline gives a conditioning frame's tokens timestep 0 (Wan2.2 TI2V, LTX I2V).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class PipelineClock:
         self._timesteps = None
         self.generation = 0
         self.num_steps: int | None = None
+        # The generation's timesteps as host floats, one per step.
+        self.timesteps: list[float] = []
         self.windows: dict[str, tuple[int, int]] = {}
         self._calls: dict[str, int] = {}
         # The cache hook of each expert, by component name.
@@ -58,6 +64,7 @@ class PipelineClock:
         self._calls = {}
         begin = getattr(scheduler, "begin_index", None) or 0
         values = [float(t) for t in torch.as_tensor(timesteps).flatten()[begin:].tolist()]
+        self.timesteps = values
         self.num_steps = len(values)
         self.windows = expert_windows(pipeline, scheduler, values)
 
@@ -120,8 +127,11 @@ class StepLocator:
 
     def locate(self, state, context: CacheContext, args, kwargs) -> tuple[int, int | None, float | None]:
         """(step, number of steps, timestep) of this call; restarts `state` where the call starts a generation."""
-        timestep = self._timestep(context, args, kwargs)
+        clocked = self.clock is not None and self.clock.num_steps is not None
+        timestep = None if clocked else self._timestep(context, args, kwargs)
         step, num_steps = self._step(state, context, timestep)
+        if clocked:
+            timestep = self._clock_timestep(context, step)
         if num_steps is None and self.config.threshold > 0:
             raise ValueError(
                 "BWCache needs the number of denoising steps: apply it to the pipeline (apply_bwcache(pipe, ...)), "
@@ -166,9 +176,10 @@ class StepLocator:
                 self.restart(state)
             return step, num_steps
         step = state.calls
-        later = timestep is None or state.last_timestep is None or timestep < state.last_timestep
-        if state.calls > 0 and not later:
-            # The denoising timestep went back up: a new generation that no pipeline reset announced.
+        went_up = timestep is not None and state.last_timestep is not None and timestep > state.last_timestep
+        if state.calls > 0 and went_up:
+            # The denoising timestep went back up: a new generation that no pipeline reset announced (the last one
+            # may have been aborted).
             self.restart(state)
             step = 0
         elif num_steps is not None and step >= num_steps:
@@ -192,12 +203,36 @@ class StepLocator:
                 "steps. Leave num_inference_steps unset to follow the pipeline, or set it to the steps you run."
             )
 
+    def check_finished(self, ran: dict[str, tuple[int, int, int | None]]) -> None:
+        """At the end of a pipeline call (its reset), with each branch's (calls, last step, step count): a generation
+        that ran fewer steps than the configured
+        `num_inference_steps` was run with another step count's schedule; say so. (With a pipeline clock, or a
+        context that says its step count, the steps are known before they run and checked then.)"""
+        if self.clock is not None or self.config.num_inference_steps is None:
+            return
+        for name, (calls, step, num_steps) in ran.items():
+            if calls and num_steps == self.config.num_inference_steps and step < num_steps - 1:
+                raise ValueError(
+                    f"BWCacheConfig(num_inference_steps={num_steps}), but the generation that just ended ran "
+                    f"{step + 1} steps (branch {name!r}): it followed a {num_steps}-step schedule. Set "
+                    "num_inference_steps to the steps you run, or apply BWCache to the pipeline "
+                    "(apply_bwcache(pipe, ...)) to follow its step count."
+                )
+
     def restart(self, state) -> None:
         """A branch starts over: the first branch to do so starts a new generation, the others join it."""
         if state.generation == self.generation:
             self.generation += 1
         state.reset()
         state.generation = self.generation
+
+    def _clock_timestep(self, context: CacheContext, step: int) -> float | None:
+        """This call's timestep from the host's list (the context's where it gives one): no device read."""
+        if context.timestep is not None:
+            return float(context.timestep)
+        index = self.offset + step
+        timesteps = self.clock.timesteps
+        return timesteps[index] if index < len(timesteps) else None
 
     def _timestep(self, context: CacheContext, args, kwargs) -> float | None:
         value = context.timestep
@@ -206,7 +241,8 @@ class StepLocator:
             if value is None and self._timestep_index is not None and self._timestep_index < len(args):
                 value = args[self._timestep_index]
         if isinstance(value, torch.Tensor):
-            return float(value.detach().flatten()[0]) if value.numel() else None
+            # The largest: conditioning tokens at timestep 0 do not mark the step (per-token timesteps).
+            return float(value.detach().amax()) if value.numel() else None
         return float(value) if isinstance(value, (int, float)) else None
 
 

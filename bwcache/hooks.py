@@ -245,11 +245,19 @@ class BWCacheHook(ModelHook):
         return module
 
     def reset_state(self, module):
+        """The pipeline's end-of-call reset: a generation that ran fewer steps than configured is refused, then
+        everything starts afresh."""
+        ran = {name: (state.calls, state.step, state.num_steps) for name, state in self.states.items()}
+        self.start_afresh(module)
+        self.steps.check_finished(ran)
+        return module
+
+    def start_afresh(self, module) -> None:
+        """Drop every branch's state; the next call starts a new generation."""
         self.release()
         self.active = self.active_branch = None
         # The trace of the finished generation stays readable until the next one starts.
         self.steps.generation += 1
-        return module
 
     def release(self) -> None:
         """Drop every branch's state (the cache context in force, if any, stays)."""
@@ -270,7 +278,7 @@ class BWCacheHook(ModelHook):
             self.distances.start_call(args, kwargs, self.policy.measures)
             if self.clock is not None:
                 if self.steps.clock_moved_on():
-                    self.reset_state(module)
+                    self.start_afresh(module)
                 self.clock.release_finished(self)
             context = self.state_manager.context
             state = self.state_manager.get_state()
@@ -292,7 +300,7 @@ class BWCacheHook(ModelHook):
                 return
             if output is None:
                 # The call raised: its state is half-updated, so the next call starts afresh.
-                self.reset_state(module)
+                self.start_afresh(module)
                 return
             self._end_step(state, branch)
         finally:
@@ -353,13 +361,15 @@ class BWCacheHook(ModelHook):
             branch = self.trace.branch(branch_name)
             offset = self.steps.offset
             step = offset + state.step
-            branch.indicator[step] = outcome.indicator
             # The distances a block-wise reuse was decided on belong to the map too.
-            for i, value in {**distances, **measured}.items():
-                branch.distance[step][i] = value
+            branch.record(step, outcome.indicator, {**distances, **measured})
             for i in outcome.reused_blocks:
                 branch.reused[step][i] = True
             branch.set_trigger(self.expert, None if outcome.trigger_step is None else offset + outcome.trigger_step)
+        if state.num_steps is not None and state.step == state.num_steps - 1:
+            # The branch's last step: nothing it holds is read again, so it goes before the pipeline decodes.
+            state.drop_features()
+            state.drop_residuals()
 
     # -- blocks (called by the block hooks, outside any compiled graph) ---------------------------------------
 

@@ -21,6 +21,8 @@ agree on).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .config import BWCacheConfig
@@ -208,7 +210,8 @@ class BlockwisePolicy(Policy):
         return state.accumulated[i] if self.config.accumulate_distance else 0.0
 
     def decide(self, state, i: int, distance: float) -> bool:
-        if distance >= self.config.threshold:
+        # A NaN or infinite distance (a diverging block, an overflow) never licenses a reuse: the block computes.
+        if not math.isfinite(distance) or distance >= self.config.threshold:
             return False
         if self.config.accumulate_distance:
             state.accumulated[i] = distance
@@ -252,6 +255,14 @@ class StaticPolicy(BlockwisePolicy):
 
 
 POLICIES = {"paper": PaperPolicy, "blockwise": BlockwisePolicy, "static": StaticPolicy}
+
+
+def distance_map_config(config: BWCacheConfig) -> BWCacheConfig:
+    """The threshold-0 config whose run maps the distances `config` decides on (its feature, indicator blocks,
+    token stride and storage dtype) and reuses nothing: in its own mode where that mode measures, in block-wise
+    mode for static mode, which measures nothing."""
+    mode = config.mode if POLICIES[config.mode].measures else "blockwise"
+    return dataclasses.replace(config, threshold=0.0, mode=mode, extrapolation=0.0, record_trace=True)
 
 
 def make_policy(config: BWCacheConfig, num_blocks: int) -> Policy:

@@ -23,6 +23,7 @@ from .config import CACHE_SETTINGS, BWCacheConfig
 from .apply import cached
 from .instruments import block_timer, synchronize
 from .metrics import compare_videos
+from .policies import distance_map_config
 from .pipelines import default_device, prepare_call, device_name, get_pipeline
 from .presets import DEFAULT_PROFILE, Preset, load_preset
 from .resources import package_version
@@ -168,13 +169,13 @@ def _quality(baseline: np.ndarray, cached: np.ndarray, device: str) -> dict:
     }
 
 
-def _traced_warmup(pipe, preset, settings, device, report, measure_blocks=True, indicator_feature="hidden_states"):
-    """The threshold-0 run: warms up, records the full distance map (of the feature the cached run measures) and
-    the share of time spent in DiT blocks."""
+def _traced_warmup(pipe, preset, settings, device, report, config: BWCacheConfig, measure_blocks=True):
+    """The threshold-0 run: warms up, records the distance map of what `config` decides on (its feature, indicator
+    blocks, token stride and storage: `distance_map_config`) and the share of time spent in DiT blocks."""
     # The timer goes on first, so it sits inside BWCache's block hooks: the cache's own work is not block time.
     timer = block_timer(pipe, device) if measure_blocks else None
     try:
-        with cached(pipe, BWCacheConfig(threshold=0.0, indicator_feature=indicator_feature)) as handle:
+        with cached(pipe, distance_map_config(config)) as handle:
             frames, seconds = generate(pipe, preset, settings, device, report)
     finally:
         if timer is not None:
@@ -237,7 +238,7 @@ def run_comparison(
         names.append(peers.METHODS[compare_with])
     stages = _Stages(progress, names, steps, cancel)
     baseline_trace, warm_frames, block_share = _traced_warmup(
-        pipe, preset, settings, device, stages.reporter(0), indicator_feature=config.indicator_feature
+        pipe, preset, settings, device, stages.reporter(0), config
     )
     baseline_frames, baseline_seconds = generate(pipe, preset, settings, device, stages.reporter(1))
     with cached(pipe, config) as handle:
@@ -337,7 +338,7 @@ def run_sweep(
     names = ["warm-up", "uncached"] + [f"δ={t:g}" for t in thresholds]
     stages = _Stages(progress, names, steps, cancel)
     baseline_trace, _, block_share = _traced_warmup(
-        pipe, preset, settings, device, stages.reporter(0), indicator_feature=base.indicator_feature
+        pipe, preset, settings, device, stages.reporter(0), base
     )
     baseline_frames, baseline_seconds = generate(pipe, preset, settings, device, stages.reporter(1))
     rows = []

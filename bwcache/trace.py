@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .config import BWCacheConfig
 
 
@@ -17,6 +19,9 @@ class BranchTrace:
         # Which transformer took each step (`None` where the pipeline has one): Wan2.2's experts split the steps.
         self.experts: list[str | None] = []
         self.trigger_step: int | None = None
+        # [step, block] of every non-finite distance (NaN, ±inf; block None: the step's indicator): recorded as
+        # None, and never a reason to reuse.
+        self.nonfinite: list[list[int | None]] = []
         # Per expert, its trigger step (paper mode) or first reuse (block-wise mode).
         self.triggers: dict[str | None, int | None] = {}
 
@@ -24,6 +29,18 @@ class BranchTrace:
         self.triggers[expert] = step
         found = [s for s in self.triggers.values() if s is not None]
         self.trigger_step = min(found) if found else None
+
+    def record(self, step: int, indicator: float | None, distances: dict[int, float]) -> None:
+        """A step's indicator and distances, non-finite ones as None and listed in `nonfinite`."""
+        self.indicator[step] = self._finite(step, None, indicator)
+        for i, value in distances.items():
+            self.distance[step][i] = self._finite(step, i, value)
+
+    def _finite(self, step: int, block: int | None, value: float | None) -> float | None:
+        if value is None or math.isfinite(value):
+            return value
+        self.nonfinite.append([step, block])
+        return None
 
     def ensure_step(self, step: int) -> None:
         while len(self.indicator) <= step:
@@ -49,6 +66,8 @@ class BranchTrace:
             "trigger_step": self.trigger_step,
             "timesteps": list(self.timesteps),
         }
+        if self.nonfinite:
+            data["nonfinite"] = [list(pair) for pair in self.nonfinite]
         if any(expert is not None for expert in self.experts):
             data["experts"] = list(self.experts)
             data["triggers"] = {name: step for name, step in self.triggers.items() if name is not None}
@@ -165,6 +184,9 @@ def summarize(trace_dict: dict) -> str:
             f"{reused}/{cells} block evaluations skipped ({share:.1%})"
         )
     lines.append(f"  overall: {skipped / total if total else 0.0:.1%} of block evaluations skipped")
+    nonfinite = sum(len(branch.get("nonfinite", ())) for branch in trace_dict["branches"].values())
+    if nonfinite:
+        lines.append(f"  {nonfinite} non-finite distance(s) (NaN or inf): those blocks and steps were computed")
     held = held_memory_text(trace_dict)
     if held:
         lines.append(f"  cache memory: {held}")

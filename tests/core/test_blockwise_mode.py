@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import bwcache
 from bwcache import BWCacheConfig, apply_bwcache
 from testing_utils.dummy import DoublingTransformer, dyadic, run_dummy, step_dummy
 
@@ -101,3 +102,51 @@ def test_blockwise_keeps_no_residual_for_blocks_that_never_reuse():
         step_dummy(model, step, 10)
     state = handle._hook.state_manager._state_cache["cond"]
     assert sorted(state.residuals) == [1, 2]
+
+
+def test_a_non_finite_distance_never_licenses_a_reuse():
+    """One NaN in the input at step 3, where every block would reuse: their distances are NaN, so they compute;
+    at step 4 the distance to that NaN reference is NaN too, so they compute again; then reuse resumes. The trace
+    marks the distances and stays valid JSON."""
+    import json
+    import math
+
+    def values(step):
+        return float("nan") if step == 3 else dyadic(step)
+
+    model = DoublingTransformer(num_layers=3)
+    config = BWCacheConfig(threshold=0.5, mode="blockwise", reuse_interval=3, warmup_steps=1, tail_steps=1)
+    with bwcache.cached(model, config) as handle:
+        run_dummy(model, 10)
+        assert all(handle.trace.to_dict()["branches"]["cond"]["reused"][3])
+    with bwcache.cached(model, config) as handle:
+        run_dummy(model, 10, values=values)
+        trace = handle.trace.to_dict()
+    branch = trace["branches"]["cond"]
+    assert not any(branch["reused"][3]) and not any(branch["reused"][4]) and any(branch["reused"][5])
+    assert {step for step, _ in branch["nonfinite"]} == {3, 4} and [3, 0] in branch["nonfinite"]
+    assert all(v is None or math.isfinite(v) for row in branch["distance"] for v in row)
+    json.dumps(trace, allow_nan=False)
+    assert "non-finite distance" in handle.summary()
+
+
+def test_a_non_finite_indicator_does_not_trigger_paper_mode():
+    """The dyadic inputs' indicator falls below 0.1 first at step 3 (0.071); an infinite input there makes the
+    indicators of steps 3 and 4 non-finite, so the trigger waits for step 5."""
+    import json
+
+    def values(step):
+        return float("inf") if step == 3 else dyadic(step)
+
+    model = DoublingTransformer(num_layers=2)
+    config = BWCacheConfig(threshold=0.1, reuse_interval=1)
+    with bwcache.cached(model, config) as handle:
+        run_dummy(model, 12)
+        assert handle.trace.to_dict()["branches"]["cond"]["trigger_step"] == 3
+    with bwcache.cached(model, config) as handle:
+        run_dummy(model, 12, values=values)
+        trace = handle.trace.to_dict()
+    branch = trace["branches"]["cond"]
+    assert branch["trigger_step"] == 5
+    assert {step for step, _ in branch["nonfinite"]} == {3, 4} and [3, None] in branch["nonfinite"]
+    json.dumps(trace, allow_nan=False)

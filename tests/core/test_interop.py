@@ -174,3 +174,61 @@ def test_remove_from_a_pipeline_and_from_its_transformer():
     remove_bwcache(pipe.transformer)
     with pytest.raises(ValueError, match="not applied"):
         remove_bwcache(pipe)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_configured_step_count_longer_than_the_run_is_refused_for_every_family(family):
+    """Given the transformer alone with no context saying its step count, a run of 4 steps under a configured 6 is
+    found out at the pipeline's end-of-call reset, and refused by name."""
+    spec = FAMILIES[family]
+    model = spec.build()
+    with bwcache.cached(model, BWCacheConfig(threshold=0.1, num_inference_steps=6)):
+        run_steps(model, spec, 4, context=False)
+        with pytest.raises(ValueError, match=r"num_inference_steps=6\), but the generation that just ended ran 4 steps"):
+            model._reset_stateful_cache()
+        run_steps(model, spec, 6, context=False)
+        model._reset_stateful_cache()  # the configured count: nothing to say
+
+
+def test_a_second_order_scheduler_never_restarts_the_cache_mid_generation():
+    """Heun calls the transformer twice at each timestep but the first: one generation, one step per call, on the
+    stock pipeline (applied to it or to its transformer) and on a transformer driven with no context at all."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    pipe = build_wan_pipeline()
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler(shift=5.0)
+    pipe.scheduler.set_timesteps(4)
+    timesteps = pipe.scheduler.timesteps
+    assert len(timesteps) == 7 and timesteps[1] == timesteps[2]
+    plain = generate(pipe, steps=4)
+    for target in (pipe, pipe.transformer):
+        with bwcache.cached(target, BWCacheConfig(threshold=0.0, mode="blockwise")) as handle:
+            assert (generate(pipe, steps=4) == plain).all()
+            branches = handle.trace.to_dict()["branches"]
+        assert [len(b["indicator"]) for b in branches.values()] == [7, 7]
+        assert all(b["indicator"][0] is None and None not in b["indicator"][1:] for b in branches.values())
+    model = DoublingTransformer(num_layers=2)
+    with bwcache.cached(model, BWCacheConfig(threshold=0.0, num_inference_steps=7)) as handle:
+        for i, t in enumerate(timesteps):
+            model(torch.full((1, 4, 8), 1.0 + i), timestep=t.reshape(1))
+        indicator = handle.trace.to_dict()["branches"]["default"]["indicator"]
+    assert len(indicator) == 7 and None not in indicator[1:]
+
+
+def test_the_cache_is_empty_before_the_pipeline_decodes():
+    """What the cache holds goes at each branch's last step, so the VAE decodes with none of it alive."""
+    pipe = build_wan_pipeline()
+    held_at_decode = []
+    decode = pipe.vae.decode
+
+    def spy(*args, **kwargs):
+        held_at_decode.append(sum(t.numel() for hook in handle.hooks for s in hook.states.values()
+                                  for t in s.held_tensors()))
+        return decode(*args, **kwargs)
+
+    pipe.vae.decode = spy
+    with bwcache.cached(pipe, BWCacheConfig(threshold=10.0, mode="blockwise", reuse_interval=2, warmup_steps=1,
+                                            tail_steps=0, extrapolation=0.5)) as handle:
+        generate(pipe)
+        assert handle.trace.held_bytes_peak > 0 and handle.trace.reuse_fraction > 0
+    assert held_at_decode == [0]

@@ -1,5 +1,6 @@
 """The runner, the peer caches and the benchmark code, on a stock WanPipeline with tiny random components."""
 
+import dataclasses
 import json
 import xml.etree.ElementTree as ET
 
@@ -188,3 +189,21 @@ def test_seacache_caches_on_the_embedded_model_whose_input_adds_position_channel
     finally:
         peer.remove()
     assert cached < plain
+
+
+def test_the_distance_map_measures_what_the_cached_run_decides_on(pipe):
+    """The uncached run's map honours the config's indicator blocks, token stride and storage dtype, and holds only
+    the features it keeps: no more than the cached run's own measuring would."""
+    from bwcache.policies import distance_map_config
+
+    config = resolve_config(small_preset(), 6, indicator_blocks="every_other", mode="blockwise")
+    config = dataclasses.replace(config, indicator_token_stride=2, cache_dtype="bfloat16")
+    mapped = distance_map_config(config)
+    assert (mapped.threshold, mapped.mode, mapped.indicator_blocks, mapped.indicator_token_stride,
+            mapped.cache_dtype) == (0.0, "blockwise", "every_other", 2, "bfloat16")
+    assert distance_map_config(dataclasses.replace(config, mode="static")).mode == "blockwise"
+    record = run_comparison(small_preset(), prompt="a cat", seed=3, num_inference_steps=6, config=config, pipe=pipe,
+                            device="cpu").record
+    rows = record["baseline_trace"]["branches"]["cond"]["distance"]
+    assert all(row[1] is None and row[0] is not None for row in rows[1:])
+    assert record["baseline_trace"]["config"]["indicator_token_stride"] == 2
