@@ -28,7 +28,9 @@ import torch
 from bwcache import ui
 from bwcache.ui import service
 from bwcache.config import CACHE_SETTINGS, BWCacheConfig
+from bwcache import space
 from bwcache.pipelines import PipelineUnavailable, get_pipeline
+from bwcache.plan import check_fits, device_memory_gb
 from bwcache.presets import DEFAULT_PROFILE, Preset
 from bwcache.report import summary_markdown
 from bwcache.runner import run_comparison, run_sweep
@@ -192,15 +194,30 @@ def _save(kind, write) -> dict:
 # description (`bwcache.ui.fields`), so a described setting is an API parameter as soon as the form offers it.
 
 
+def _admitted(spec, values, runs, sweep=False):
+    """A request checked before any model work: its fields, the GPU memory it needs (the memory plan), and on
+    ZeroGPU the time it needs, refused before anything is scheduled with what would fit."""
+    request = ui.check_request(spec, **values)
+    settings = ui.resolved_settings(spec, request)
+    check_fits(spec, ui.request_config(spec, request), settings, _gpu_memory_gb())
+    if ON_ZERO_GPU:
+        ui.check_gpu_budget(spec, settings, runs=runs, sweep=sweep)
+    return request, settings
+
+
+def _gpu_memory_gb() -> float | None:
+    """The GPU memory runs get: ZeroGPU's slice, this machine's GPU, or (None) each preset's recommendation."""
+    if ON_ZERO_GPU:
+        return space.HARDWARE_MEMORY_GB.get(space.card().get("suggested_hardware"))
+    return device_memory_gb("cuda")
+
+
 def _compare(values, progress):
     spec = _preset(values.pop("preset"))
     with _user_errors():
         values["seed"] = ui.check_seed(values.get("seed"), values.pop("randomize_seed"))
         peer = ui.parse_peer(values.pop("compare_with"))
-        request = ui.check_request(spec, **values)
-        settings = ui.resolved_settings(spec, request)
-        if ON_ZERO_GPU:  # refused before ZeroGPU schedules anything, naming what would fit
-            ui.check_gpu_budget(spec, settings, runs=ui.comparison_runs(peer))
+        request, settings = _admitted(spec, values, runs=ui.comparison_runs(peer))
     with _user_errors(spec, settings):
         comparison = _run_comparison(spec.name, request, peer, progress=progress)
     paths = _save("run", lambda folder: ui.save_run(comparison, folder))
@@ -223,10 +240,7 @@ def _sweep(values, progress):
     with _user_errors():
         thresholds = ui.parse_thresholds(values.pop("thresholds"))
         values["seed"] = ui.check_seed(values.get("seed"))
-        request = ui.check_request(spec, **values)
-        settings = ui.resolved_settings(spec, request)
-        if ON_ZERO_GPU:
-            ui.check_gpu_budget(spec, settings, runs=ui.sweep_runs(thresholds), sweep=True)
+        request, settings = _admitted(spec, values, runs=ui.sweep_runs(thresholds), sweep=True)
     with _user_errors(spec, settings):
         result = _run_sweep(spec.name, request, thresholds, progress=progress)
     paths = _save("sweep", lambda folder: ui.save_sweep(result, folder))

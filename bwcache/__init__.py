@@ -10,6 +10,7 @@ from .resources import package_version
 from .blocks import register_block
 from .config import BWCacheConfig
 from .parallel import enable_context_parallel
+from .plan import plan_memory
 from .apply import BWCacheHandle, apply_bwcache, cached, get_bwcache_handle, remove_bwcache
 from .schedule import estimate_blockwise_schedule, paper_schedule, predict_schedule
 from .trace import Trace, summarize
@@ -26,6 +27,7 @@ __all__ = [
     "estimate_blockwise_schedule",
     "get_bwcache_handle",
     "paper_schedule",
+    "plan_memory",
     "predict_schedule",
     "register_block",
     "remove_bwcache",

@@ -85,6 +85,17 @@ def build_parser(settings: Settings = CACHE_SETTINGS) -> argparse.ArgumentParser
     compare.add_argument("--out-dir", type=Path, help="write both videos, the run record and the trace CSV here")
     compare.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
+    plan = commands.add_parser("plan", help="the memory a run needs and whether it fits, from shapes alone (no "
+                               "weights loaded)")
+    plan.add_argument("--preset", default="tiny-shapes", help="preset name or path to a preset JSON")
+    plan.add_argument("--height", type=int)
+    plan.add_argument("--width", type=int)
+    plan.add_argument("--num-frames", "--frames", type=int, dest="num_frames", help="number of frames")
+    plan.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale (1: one branch)")
+    plan.add_argument("--gpu-memory-gb", type=float, help="the GPU's memory (default: the preset's recommendation)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_cache_arguments(plan, settings)
+
     bench = commands.add_parser("bench", help="speed and quality of BWCache and the peer caches over many prompts")
     from .bench import add_arguments
 
@@ -137,7 +148,15 @@ def _preflight(args) -> None:
     from .ui import check_request, request_fields
 
     preset = resolve_preset(args.preset)
-    return check_request(preset, **{name: getattr(args, name) for name in request_fields(preset) if hasattr(args, name)})
+    request = check_request(preset, **{name: getattr(args, name) for name in request_fields(preset) if hasattr(args, name)})
+    if not args.context_parallel:  # several processes share the memory out: the one-process plan does not apply
+        from .pipelines import default_device
+        from .plan import check_fits, device_memory_gb
+        from .ui import request_config, resolved_settings
+
+        check_fits(preset, request_config(preset, request), resolved_settings(preset, request),
+                   device_memory_gb(args.device or default_device()))
+    return request
 
 
 def _compare(args) -> int:
@@ -184,6 +203,26 @@ def _run_compare(args, request: dict) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    """Print the memory plan of a request (its settings checked as for a run)."""
+    from .plan import plan_memory
+    from .runner import resolve_preset
+    from .ui import check_request, request_config, request_fields, resolved_settings
+
+    if args.gpu_memory_gb is not None and not args.gpu_memory_gb > 0:
+        raise ValueError(f"--gpu-memory-gb must be a number of GB > 0, got {args.gpu_memory_gb!r}.")
+    preset = resolve_preset(args.preset)
+    request = check_request(preset, **{name: getattr(args, name) for name in request_fields(preset) if hasattr(args, name)})
+    plan = plan_memory(preset, request_config(preset, request), resolved_settings(preset, request), args.gpu_memory_gb)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=1))
+    else:
+        print(plan.text())
+        if plan.refusal():
+            print(plan.refusal())
+    return 0
+
+
 class ProgressLines:
     """Progress for a terminal, one line redrawn in place; for a log file or a pipe, plain lines, one per whole
     percent at most, which stay readable there."""
@@ -212,6 +251,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "compare":
             return _compare(args)
+        if args.command == "plan":
+            return _plan(args)
         from .bench import run_from_args
 
         return run_from_args(args)

@@ -15,7 +15,7 @@ from .settings import setting, settings_of
 MODES = ("paper", "blockwise", "static")
 INDICATOR_FEATURES = ("hidden_states", "modulated")
 TAIL_RULES = ("guarded", "official")
-CACHE_DTYPES = ("bfloat16", "float16")
+CACHE_DTYPES = ("bfloat16", "float16", "int8")
 
 
 @dataclass
@@ -84,7 +84,9 @@ class BWCacheConfig:
             model `"bfloat16"` halves the cache's memory, at a rounding error in reused outputs far below the error
             of reuse itself (distances are still summed in float32, and the output keeps the model's dtype). A dtype
             no narrower than the model's is not applied. `"float16"` is more precise but can overflow on models with large
-            activations. Allowed: `None`, `"bfloat16"`, `"float16"` (or the matching `torch.dtype`).
+            activations. `"int8"` stores residuals in int8 with a scale per token, about a quarter of float32's
+            bytes, and features in bfloat16. Allowed: `None`, `"bfloat16"`, `"float16"`, `"int8"` (or the matching
+            `torch.dtype` for the first two).
     """
 
     threshold: float = setting(
@@ -132,11 +134,13 @@ class BWCacheConfig:
         "0 to 1. 0: a reused residual is added unchanged; 1: moved along the line through its last two computed ones",
         low=0.0, high=1.0, form="advanced", step=0.05)
     cache_dtype: str | None = setting(
-        None, "choice", "Cache dtype", "store cached tensors narrower than the model's dtype",
+        None, "choice", "Cache dtype",
+        "store cached tensors narrower than the model's dtype (int8: residuals in int8 with per-token scales, "
+        "features in bfloat16)",
         choices=CACHE_DTYPES, optional=True)
 
     def __post_init__(self):
-        if isinstance(self.cache_dtype, torch.dtype):
+        if isinstance(self.cache_dtype, torch.dtype) and self.cache_dtype.is_floating_point:
             self.cache_dtype = str(self.cache_dtype).removeprefix("torch.")
         for described in settings_of(type(self)):
             setattr(self, described.name, described.check(getattr(self, described.name)))
@@ -173,7 +177,11 @@ class BWCacheConfig:
         return cls(**values)
 
     def resolved_cache_dtype(self) -> torch.dtype | None:
-        return None if self.cache_dtype is None else getattr(torch, self.cache_dtype)
+        """The dtype features (and residuals, but with "int8") are stored in: "int8" keeps features in
+        bfloat16, precise enough for distances, and residuals in int8 with per-token scales."""
+        if self.cache_dtype is None:
+            return None
+        return torch.bfloat16 if self.cache_dtype == "int8" else getattr(torch, self.cache_dtype)
 
     def resolve_indicator_blocks(self, num_blocks: int) -> list[int]:
         """The indicator blocks as sorted, non-negative indices into a stack of `num_blocks` blocks."""

@@ -41,22 +41,10 @@ from .config import BWCacheConfig
 from .distances import DistanceMeter, DistanceSums
 from .policies import make_policy
 from .stacking import refuse_stacked
+from .storage import compact, stored_feature, stored_residual, tensors, value
 from .trace import Trace
 
 DEFAULT_BRANCH = "default"
-
-
-def _compact(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """`tensor` in the cache's storage dtype, where that is narrower than its own (else the tensor itself)."""
-    if dtype is None or not tensor.is_floating_point() or dtype.itemsize >= tensor.element_size():
-        return tensor
-    return tensor.to(dtype)
-
-
-def _stored(features: torch.Tensor, stride: int, dtype: torch.dtype | None) -> torch.Tensor:
-    compact = _compact(features, dtype)
-    # A strided view is copied, so the stored feature does not keep the whole activation alive.
-    return compact.clone() if compact is features and stride > 1 else compact
 
 
 class BWCacheState(BaseState):
@@ -134,9 +122,9 @@ class BWCacheState(BaseState):
             return encoder_hidden_states is last_ehs
         return True
 
-    def close_chain(self, dtype: torch.dtype | None) -> None:
+    def close_chain(self, dtype: torch.dtype | None, int8: bool = False) -> None:
         """Turn the open chain's input and the last block's output into the chain's cached residual (stored in
-        `dtype` where that is narrower)."""
+        `dtype` where that is narrower, or with `int8` as int8 with per-token scales)."""
         if self.chain_start is None or self.last_output is None:
             self.chain_start = None
             return
@@ -145,8 +133,8 @@ class BWCacheState(BaseState):
         self.residuals.pop(head, None)
         residual_ehs = None
         if start_ehs is not None and last_ehs is not None and last_ehs is not start_ehs:
-            residual_ehs = _compact(last_ehs - start_ehs, dtype)
-        self.residuals[head] = (_compact(last_hs - start_hs, dtype), residual_ehs)
+            residual_ehs = stored_residual(last_ehs - start_ehs, dtype, int8)
+        self.residuals[head] = (stored_residual(last_hs - start_hs, dtype, int8), residual_ehs)
         self.residual_times[head] = self.time
         self.chain_start = None
 
@@ -161,17 +149,18 @@ class BWCacheState(BaseState):
     def residual_now(self, head: int, extrapolation: float):
         """The residual chain `head` adds at this step: the last computed one or, with two computed, `extrapolation`
         of the way along the line through both towards this step's time."""
-        residual = self.residuals[head]
+        residual = tuple(value(kept) for kept in self.residuals[head])
         previous = self.previous_residuals.get(head)
         if previous is None:
             return residual
         t1, t0 = self.residual_times[head], previous[2]
         if t1 == t0:
             return residual
+        previous = tuple(value(kept) for kept in previous[:2])
         factor = extrapolation * (self.time - t1) / (t1 - t0)
         return tuple(
             None if last is None else (last + (last - older) * factor if older is not None else last)
-            for last, older in zip(residual, previous[:2])
+            for last, older in zip(residual, previous)
         )
 
     def drop_features(self) -> None:
@@ -194,9 +183,9 @@ class BWCacheState(BaseState):
 
     def held_tensors(self) -> list[torch.Tensor]:
         """The residuals and features this branch holds."""
-        held = [t for pair in self.residuals.values() for t in pair] + self.features
-        held += [t for *pair, _ in self.previous_residuals.values() for t in pair]
-        return [t for t in held if t is not None]
+        held = [t for pair in self.residuals.values() for kept in pair for t in tensors(kept)]
+        held += [t for *pair, _ in self.previous_residuals.values() for kept in pair for t in tensors(kept)]
+        return held + [t for t in self.features if t is not None]
 
 
 class BWCacheHook(ModelHook):
@@ -217,6 +206,7 @@ class BWCacheHook(ModelHook):
         self.blocks = blocks
         self.policy = make_policy(config, len(blocks))
         self.cache_dtype = config.resolved_cache_dtype()
+        self.int8 = config.cache_dtype == "int8"
         self.modulated = config.indicator_feature == "modulated"
         self.state_manager = StateManager(BWCacheState, (len(blocks),))
         self.trace = trace
@@ -265,6 +255,8 @@ class BWCacheHook(ModelHook):
         self.state_manager.reset()
         self.state_manager.set_context(context)
         self.states = {}
+        if self.config.record_trace:
+            self.trace.note_held(self.expert, 0)
 
     # -- one transformer call (torch forward hooks, outside any compiled graph) -------------------------------
 
@@ -353,11 +345,10 @@ class BWCacheHook(ModelHook):
         if state.computed_step and not self.policy.keeps_residuals(state):
             state.chain_start = None
             state.drop_residuals()
-        state.close_chain(self.cache_dtype)
+        state.close_chain(self.cache_dtype, self.int8)
         state.last_output = None
 
         if self.config.record_trace:
-            self.trace.note_held(self.expert, _held_bytes(self.states.values()))
             branch = self.trace.branch(branch_name)
             offset = self.steps.offset
             step = offset + state.step
@@ -370,6 +361,9 @@ class BWCacheHook(ModelHook):
             # The branch's last step: nothing it holds is read again, so it goes before the pipeline decodes.
             state.drop_features()
             state.drop_residuals()
+        if self.config.record_trace:
+            # What the cache holds between calls, all branches (each storage once).
+            self.trace.note_held(self.expert, _held_bytes(self.states.values()))
 
     # -- blocks (called by the block hooks, outside any compiled graph) ---------------------------------------
 
@@ -453,10 +447,10 @@ class BWCacheHook(ModelHook):
         state.output_arity[i] = len(output) if isinstance(output, (tuple, list)) else None
         state.last_output = spec.outputs(output)
         if state.keep_residual and not self.policy.chains_blocks:
-            state.close_chain(self.cache_dtype)
+            state.close_chain(self.cache_dtype, self.int8)
 
     def _keep_features(self, state: BWCacheState, i: int, features: torch.Tensor) -> None:
-        state.features[i] = _stored(features, self.config.indicator_token_stride, self.cache_dtype)
+        state.features[i] = stored_feature(features, self.config.indicator_token_stride, self.cache_dtype)
         state.feature_norms[i] = None
 
     # -- residual chains --------------------------------------------------------------------------------------
@@ -491,7 +485,7 @@ class BWCacheHook(ModelHook):
             return
         chained = self.policy.chains_blocks and state.is_chained(spec, hidden_states, encoder_hidden_states)
         if not chained:
-            state.close_chain(self.cache_dtype)
+            state.close_chain(self.cache_dtype, self.int8)
             # The chain is recomputed now: its old residual is stale, and freeing it first lowers the peak (unless
             # it is the older point of an extrapolation).
             state.retire_residual(i, self.config.extrapolation > 0)
@@ -499,7 +493,7 @@ class BWCacheHook(ModelHook):
             if self.policy.chains_blocks:
                 # The chain's input is held while the chain runs; a compact copy lets the model free its own.
                 # (The text stream's is kept as is: whether a chain changed it is told by identity.)
-                start_hs = _compact(hidden_states, self.cache_dtype)
+                start_hs = compact(hidden_states, self.cache_dtype)
             state.chain_start = (i, start_hs, encoder_hidden_states if spec.has_encoder_stream else None)
         state.chain_heads[i] = not chained
 

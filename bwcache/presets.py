@@ -25,6 +25,11 @@ Schema (every key required; ``hub_id``, ``pipeline_class`` and
               cpu_offload: "model" to load with `pipe.enable_model_cpu_offload()` (one model on the GPU at a time)
               call_defaults: extra pipeline call arguments (`CALL_DEFAULTS`: guidance_scale_2, the low-noise
                           expert's guidance of two-expert pipelines), which a request may change
+    model (optional; every diffusers preset has one): the model's shape, for the memory plan (`bwcache.plan`):
+              transformer_class and transformer (the diffusers class and its config, built on the meta device),
+              experts (1, or 2 for Wan2.2-A14B), vae_compression [temporal, spatial], text_tokens,
+              cfg ("separate": cond and uncond calls; "batched": one call with both; "none"), and components
+              ({name: parameter count} of the other models: text encoder, VAE, ...; from the model cards)
 
 Loading checks the schema and that the preset's own defaults pass its limits.
 """
@@ -65,7 +70,7 @@ _TOP_KEYS = (
     "name", "label", "kind", "hub_id", "pipeline_class", "dtype",
     "defaults", "limits", "bwcache", "recommended_gpu_memory_gb", "notes",
 )
-_OPTIONAL_TOP = ("profiles", "loading")
+_OPTIONAL_TOP = ("profiles", "loading", "model")
 _NULLABLE_TOP = {"hub_id", "pipeline_class", "recommended_gpu_memory_gb"}
 _DEFAULT_KEYS = (
     "prompt", "negative_prompt", "height", "width", "num_frames",
@@ -148,6 +153,7 @@ class Preset:
     recommended_gpu_memory_gb: float | None
     notes: str
     loading: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
+    model: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
     path: Path | None = field(default=None, compare=False)
     # The cache settings its `bwcache` section and profiles were checked against, and build configs with.
     settings: Settings = field(default=CACHE_SETTINGS, compare=False, hash=False, repr=False)
@@ -171,6 +177,7 @@ class Preset:
             recommended_gpu_memory_gb=data["recommended_gpu_memory_gb"],
             notes=data["notes"],
             loading=_freeze(data.get("loading", {})),
+            model=_freeze(data.get("model", {})),
             path=path,
             settings=settings,
         )
@@ -407,6 +414,39 @@ def _check_schema(data: Any, source: str, settings: Settings) -> None:
             fail(f"profiles.{name}: unknown bwcache key(s) {unknown}")
         check_cache({**b, **profile["bwcache"]}, f"profiles.{name}: ")
     _check_loading(data.get("loading", {}), data, fail)
+    _check_model(data.get("model", {}), fail)
+
+
+_MODEL_KEYS = {"transformer_class": str, "transformer": Mapping, "experts": int, "vae_compression": (list, tuple),
+               "text_tokens": int, "cfg": str, "components": Mapping}
+_MODEL_REQUIRED = ("transformer_class", "transformer", "vae_compression", "text_tokens", "cfg")
+CFG_LAYOUTS = ("separate", "batched", "none")
+
+
+def _check_model(model: Any, fail) -> None:
+    if not isinstance(model, Mapping):
+        fail("'model' must be an object")
+    if not model:
+        return
+    unknown = sorted(set(model) - set(_MODEL_KEYS))
+    if unknown:
+        fail(f"unknown model key(s) {unknown}; allowed: {sorted(_MODEL_KEYS)}")
+    for key in _MODEL_REQUIRED:
+        if key not in model:
+            fail(f"missing key model.{key}")
+    for key, kind in _MODEL_KEYS.items():
+        if key in model and (not isinstance(model[key], kind) or isinstance(model[key], bool)):
+            fail(f"model.{key} has the wrong type")
+    compression = model["vae_compression"]
+    if len(compression) != 2 or not all(_is_int(v) and v >= 1 for v in compression):
+        fail("model.vae_compression must be [temporal, spatial] integers >= 1")
+    if model["cfg"] not in CFG_LAYOUTS:
+        fail(f"model.cfg must be one of {list(CFG_LAYOUTS)}, got {model['cfg']!r}")
+    if model.get("experts", 1) not in (1, 2):
+        fail("model.experts must be 1 or 2")
+    for name, count in model.get("components", {}).items():
+        if not _is_number(count) or count <= 0:
+            fail(f"model.components.{name} must be a parameter count > 0")
 
 
 def _check_loading(loading: Any, data: Mapping, fail) -> None:

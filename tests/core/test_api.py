@@ -32,8 +32,9 @@ from testing_utils.families import FAMILIES
         ({"warmup_steps": -1}, "warmup_steps must be an integer ≥ 0"),
         ({"tail_steps": True}, "tail_steps must be an integer ≥ 0"),
         ({"accumulate_distance": "yes"}, "accumulate_distance must be True or False"),
-        ({"cache_dtype": "float32"}, "cache_dtype must be None or one of ('bfloat16', 'float16')"),
-        ({"cache_dtype": torch.int8}, "cache_dtype must be None or one of ('bfloat16', 'float16'), got 'int8'"),
+        ({"cache_dtype": "float32"}, "cache_dtype must be None or one of ('bfloat16', 'float16', 'int8')"),
+        ({"cache_dtype": torch.float64}, "cache_dtype must be None or one of ('bfloat16', 'float16', 'int8'), got 'float64'"),
+        ({"cache_dtype": torch.int8}, "cache_dtype must be None or one of ('bfloat16', 'float16', 'int8'), got torch.int8"),
     ],
 )
 def test_invalid_configs_name_the_field_and_the_allowed_range(kwargs, message):
