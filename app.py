@@ -185,7 +185,13 @@ def _run_sweep(preset_name, request, thresholds, progress=None):
                               preset_name, request, thresholds, progress=progress)
 
 
+# Files Gradio's cache keeps: what the newest runs show (each run serves up to about ten files).
+MAX_CACHED_FILES = 10 * MAX_RUNS
+
+
 def _save(kind, write) -> dict:
+    # Gradio copies every file it serves into its cache, which otherwise only ages out: bounded as the runs are.
+    ui.prune_cache(demo.GRADIO_CACHE, MAX_CACHED_FILES)
     return service.save_run(OUTPUT_ROOT, kind, write, MAX_RUNS)
 
 

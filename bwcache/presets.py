@@ -47,7 +47,7 @@ from typing import Any, Mapping
 
 from . import resources
 from .config import CACHE_SETTINGS
-from .settings import Settings, is_int as _is_int
+from .settings import Settings, is_int as _is_int, short_repr
 
 __all__ = [
     "CALL_DEFAULTS",
@@ -205,7 +205,7 @@ class Preset:
         """The BWCache settings of a profile: the bwcache section, with the profile's changes."""
         profile = profile or DEFAULT_PROFILE
         if profile not in self.profile_names:
-            raise ValueError(f"Profile {profile!r} is not one of {self.label}'s profiles: {', '.join(self.profile_names)}.")
+            raise ValueError(f"Profile {short_repr(profile)} is not one of {self.label}'s profiles: {', '.join(self.profile_names)}.")
         values = {key: _thaw(value) for key, value in self.bwcache.items()}
         if profile != DEFAULT_PROFILE:
             values.update({key: _thaw(value) for key, value in self.profiles[profile]["bwcache"].items()})
@@ -259,7 +259,7 @@ class Preset:
             value = _need_int(_LABELS[fname], value)
             if not lo <= value <= hi or value % mult:
                 raise ValueError(
-                    f"{_LABELS[fname]} = {value} is not allowed for {self.label}: use a multiple of {mult} from {lo} to {hi}"
+                    f"{_LABELS[fname]} = {short_repr(value)} is not allowed for {self.label}: use a multiple of {mult} from {lo} to {hi}"
                 )
             checked[fname] = value
         if num_frames is not None:
@@ -267,24 +267,24 @@ class Preset:
             num_frames = _need_int("Frames", num_frames)
             if not lo <= num_frames <= hi or not frames_rule_ok(num_frames, rule):
                 allowed = f"exactly {lo}" if lo == hi else f"{_rule_text(rule)} from {lo} to {hi}"
-                raise ValueError(f"Frames = {num_frames} is not allowed for {self.label}: use {allowed}")
+                raise ValueError(f"Frames = {short_repr(num_frames)} is not allowed for {self.label}: use {allowed}")
             checked["num_frames"] = num_frames
         if num_inference_steps is not None:
             lo, hi = lim["num_inference_steps"][:2]
             num_inference_steps = _need_int("Steps", num_inference_steps)
             if not lo <= num_inference_steps <= hi:
                 raise ValueError(
-                    f"Steps = {num_inference_steps} is outside the allowed range {lo} to {hi} "
+                    f"Steps = {short_repr(num_inference_steps)} is outside the allowed range {lo} to {hi} "
                     f"for {self.label}"
                 )
             checked["num_inference_steps"] = num_inference_steps
         if guidance_scale is not None:
             lo, hi = lim["guidance_scale"][:2]
             if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool) or not math.isfinite(guidance_scale):
-                raise ValueError(f"Guidance scale must be a finite number, got {guidance_scale!r}")
+                raise ValueError(f"Guidance scale must be a finite number, got {short_repr(guidance_scale)}")
             if not lo <= guidance_scale <= hi:
                 raise ValueError(
-                    f"Guidance scale = {guidance_scale} is outside the allowed range {lo} to {hi} for {self.label}"
+                    f"Guidance scale = {short_repr(guidance_scale)} is outside the allowed range {lo} to {hi} for {self.label}"
                 )
             checked["guidance_scale"] = float(guidance_scale)
         if guidance_scale_2 is not None:
@@ -292,7 +292,7 @@ class Preset:
                 raise ValueError(f"{self.label} has one guidance scale; guidance_scale_2 is for two-expert models")
             lo, hi = lim["guidance_scale"][:2]
             if not _is_number(guidance_scale_2) or not lo <= guidance_scale_2 <= hi:
-                raise ValueError(f"Guidance scale 2 = {guidance_scale_2!r} is outside the allowed range {lo} to {hi} "
+                raise ValueError(f"Guidance scale 2 = {short_repr(guidance_scale_2)} is outside the allowed range {lo} to {hi} "
                                  f"for {self.label}")
             checked["guidance_scale_2"] = float(guidance_scale_2)
         return checked
@@ -315,7 +315,7 @@ def _need_int(fname: str, value: Any) -> int:
         return int(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
         return int(value)
-    raise ValueError(f"{fname} must be a whole number, got {value!r}")
+    raise ValueError(f"{fname} must be a whole number, got {short_repr(value)}")
 
 
 def _check_schema(data: Any, source: str, settings: Settings) -> None:

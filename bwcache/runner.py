@@ -27,6 +27,7 @@ from .policies import distance_map_config
 from .pipelines import default_device, prepare_call, device_name, get_pipeline
 from .presets import DEFAULT_PROFILE, Preset, load_preset
 from .resources import package_version
+from .settings import short_repr
 from .tuning import ideal_speedup
 from .trace import reuse_fraction
 
@@ -74,7 +75,7 @@ def resolve_settings(preset: Preset, **overrides) -> dict:
     preset.validate_request(**{key: settings[key] for key in SETTING_KEYS if key != "negative_prompt"})
     seed = settings["seed"]
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer from 0 to {2**32 - 1}, got {seed!r}.")
+        raise ValueError(f"seed must be an integer from 0 to {2**32 - 1}, got {short_repr(seed)}.")
     settings["seed"] = int(seed)
     return settings
 

@@ -71,6 +71,19 @@ def prune_runs(root: str | Path, keep: int, in_use: set[str] | frozenset = froze
     return removed
 
 
+def prune_cache(root: str | Path, keep: int) -> list[Path]:
+    """Delete the oldest entries of a file cache (Gradio's, where it copies each file it serves into a folder of
+    its own) beyond the newest `keep`, so that it grows no further than the run folders do."""
+    root = Path(root)
+    if keep < 1 or not root.is_dir():
+        return []
+    entries = sorted(root.iterdir(), key=lambda p: p.stat().st_mtime)
+    removed = entries[: max(0, len(entries) - keep)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return removed
+
+
 def max_runs(environ: Mapping[str, str]) -> int:
     """`BWCACHE_MAX_RUNS` (default 50): how many run folders the app keeps."""
     text = environ.get("BWCACHE_MAX_RUNS", "50")
