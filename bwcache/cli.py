@@ -40,6 +40,8 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny-shapes", help="preset name or path to a preset JSON (default: tiny-shapes)")
     parser.add_argument("--prompt", help="prompt (default: the preset's)")
     parser.add_argument("--negative-prompt", help="negative prompt (default: the preset's)")
+    parser.add_argument("--image", type=Path, help="first frame (PNG, JPEG or WebP) for presets that take one; "
+                        "fitted to the video's size")
     parser.add_argument("--seed", type=int, help="seed (default: the preset's)")
     parser.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
     parser.add_argument("--frames", type=int, dest="num_frames", help="number of frames")

@@ -25,6 +25,7 @@ Schema (every key required; ``hub_id``, ``pipeline_class`` and
               cpu_offload: "model" to load with `pipe.enable_model_cpu_offload()` (one model on the GPU at a time)
               call_defaults: extra pipeline call arguments (`CALL_DEFAULTS`: guidance_scale_2, the low-noise
                           expert's guidance of two-expert pipelines), which a request may change
+    image (optional): "required" for image-to-video, "optional" where a first frame may be given, null otherwise
     model (optional; every diffusers preset has one): the model's shape, for the memory plan (`bwcache.plan`):
               transformer_class and transformer (the diffusers class and its config, built on the meta device),
               experts (1, or 2 for Wan2.2-A14B), vae_compression [temporal, spatial], text_tokens,
@@ -70,7 +71,9 @@ _TOP_KEYS = (
     "name", "label", "kind", "hub_id", "pipeline_class", "dtype",
     "defaults", "limits", "bwcache", "recommended_gpu_memory_gb", "notes",
 )
-_OPTIONAL_TOP = ("profiles", "loading", "model")
+_OPTIONAL_TOP = ("profiles", "loading", "model", "image")
+# Whether a preset takes a first frame: required (image-to-video), optional (text-and-image-to-video) or not (null).
+IMAGE_INPUTS = ("required", "optional")
 _NULLABLE_TOP = {"hub_id", "pipeline_class", "recommended_gpu_memory_gb"}
 _DEFAULT_KEYS = (
     "prompt", "negative_prompt", "height", "width", "num_frames",
@@ -154,6 +157,7 @@ class Preset:
     notes: str
     loading: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
     model: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
+    image: str | None = None
     path: Path | None = field(default=None, compare=False)
     # The cache settings its `bwcache` section and profiles were checked against, and build configs with.
     settings: Settings = field(default=CACHE_SETTINGS, compare=False, hash=False, repr=False)
@@ -178,6 +182,7 @@ class Preset:
             notes=data["notes"],
             loading=_freeze(data.get("loading", {})),
             model=_freeze(data.get("model", {})),
+            image=data.get("image"),
             path=path,
             settings=settings,
         )
@@ -415,6 +420,8 @@ def _check_schema(data: Any, source: str, settings: Settings) -> None:
         check_cache({**b, **profile["bwcache"]}, f"profiles.{name}: ")
     _check_loading(data.get("loading", {}), data, fail)
     _check_model(data.get("model", {}), fail)
+    if data.get("image") not in (None, *IMAGE_INPUTS):
+        fail(f"image must be null or one of {list(IMAGE_INPUTS)}, got {data.get('image')!r}")
 
 
 _MODEL_KEYS = {"transformer_class": str, "transformer": Mapping, "experts": int, "vae_compression": (list, tuple),

@@ -42,6 +42,9 @@ def summary_markdown(record: dict) -> str:
             f"- Ideal speedup for this reuse (DiT blocks took {record['block_share']:.0%} of the time): "
             f"{record['ideal_speedup']:.2f}×"
         )
+    image = image_text(record)
+    if image:
+        lines.append(f"- {image}")
     for hint in (no_reuse_hint(record), timing_note(record)):
         if hint:
             lines.append(f"- {hint}")
@@ -70,7 +73,8 @@ def summary_text(record: dict) -> str:
         f"{record['speedup']:.2f}× speedup, {record['reuse_fraction']:.1%} of block evaluations skipped, "
         f"{_quality_text(record)} ({record['device']})"
     )
-    return head + "\n" + summarize(record["trace"])
+    image = image_text(record)
+    return head + ("\n" + image if image else "") + "\n" + summarize(record["trace"])
 
 
 def save_comparison(comparison, out_dir: str | Path, fps: int | None = None, overwrite: bool = False) -> dict:
@@ -94,8 +98,17 @@ def save_comparison(comparison, out_dir: str | Path, fps: int | None = None, ove
               overwrite=overwrite)
     paths["record"].write_text(json.dumps(record, indent=1))
     paths["trace_csv"].write_text(trace_to_csv(record["trace"]))
+    image = getattr(comparison, "image", None)
+    if image is not None:
+        # The first frame as the run was given it (fitted to the video), beside the videos.
+        paths["input"] = out_dir / INPUT_IMAGE
+        if paths["input"].exists() and not overwrite:
+            raise FileExistsError(f"Refusing to overwrite {paths['input']}; choose another folder.")
+        image.save(paths["input"])
     return {name: str(path) for name, path in paths.items()}
 
+
+INPUT_IMAGE = "input.png"
 
 # The halves of side_by_side.mp4, left to right, named as the app names its videos.
 SIDE_BY_SIDE_LABELS = ("uncached", "BWCache")
@@ -112,6 +125,17 @@ OUTPUT_FILES = {
 def upscale_pair(*videos, min_side: int = 256):
     """Tiny clips enlarged crisply for display, all by the same factor."""
     return tuple(upscale(to_uint8(v), min_side=min_side) for v in videos)
+
+
+def image_text(record: dict) -> str | None:
+    """How closely each video's first frame matches the image it was given, and how the image was fitted."""
+    image = record.get("image")
+    if not image:
+        return None
+    matches = ", ".join(f"{name} {'∞' if value is None else f'{value:.1f}'} dB"
+                        for name, value in image["first_frame_psnr"].items())
+    note = f" ({image['note']})" if image.get("note") else ""
+    return f"First frame vs the input image: PSNR {matches}{note}"
 
 
 def no_reuse_hint(record: dict) -> str | None:

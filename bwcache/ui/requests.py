@@ -97,7 +97,7 @@ def check_seed(seed: Any, randomize: Any = False) -> int | None:
 def request_fields(preset: Preset) -> tuple[str, ...]:
     """The names a request may hold: the prompts, the seed, the profile, the generation settings and the cache
     settings the preset's form offers."""
-    return (*SETTING_KEYS, "seed", "profile", *(s.name for s in preset.settings.form))
+    return (*SETTING_KEYS, "image", "seed", "profile", *(s.name for s in preset.settings.form))
 
 
 def check_request(preset: Preset, **values: Any) -> dict:
@@ -119,6 +119,7 @@ def check_request(preset: Preset, **values: Any) -> dict:
                          f"{NEGATIVE_PROMPT_MAX_CHARS} are allowed.")
     request = {
         "prompt": values.get("prompt"),
+        "image": values.get("image"),
         "negative_prompt": negative_prompt,
         "seed": values.get("seed"),
         "profile": profile,
@@ -144,4 +145,4 @@ def request_config(preset: Preset, request: Mapping[str, Any]) -> BWCacheConfig:
 
 def resolved_settings(preset: Preset, request: Mapping[str, Any]) -> dict:
     """The generation settings a checked request resolves to (preset defaults filled in)."""
-    return resolve_settings(preset, **{key: request.get(key) for key in (*SETTING_KEYS, "seed")})
+    return resolve_settings(preset, **{key: request.get(key) for key in (*SETTING_KEYS, "image", "seed")})

@@ -109,7 +109,7 @@ def save_run(comparison, run_dir: str | Path) -> dict:
     return paths
 
 
-DOWNLOAD_ORDER = ("side_by_side", "baseline", "bwcache", "peer", "record", "trace_csv")
+DOWNLOAD_ORDER = ("side_by_side", "baseline", "bwcache", "peer", "input", "record", "trace_csv")
 
 
 def download_list(paths: Mapping[str, str]) -> list[str]:
@@ -159,7 +159,7 @@ def list_examples(root: str | Path, presets: Mapping[str, Preset] | None = None)
 def example_paths(folder: str | Path) -> dict:
     folder = Path(folder)
     names = {"baseline": "baseline.mp4", "bwcache": "bwcache.mp4", "side_by_side": "side_by_side.mp4",
-             "peer": "peer.mp4", "record": "run.json", "trace_csv": "trace.csv"}
+             "peer": "peer.mp4", "input": "input.png", "record": "run.json", "trace_csv": "trace.csv"}
     return {key: str(folder / name) for key, name in names.items() if (folder / name).is_file()}
 
 

@@ -42,7 +42,8 @@ def client(tmp_path_factory):
 
 
 def check_outputs(result, frames: int):
-    baseline, cached, plot, summary, record, seed, peer, files = result
+    baseline, cached, plot, summary, record, seed, peer, files, image = result
+    assert image["value"] is None and image["visible"] is False  # no first frame was given: hidden
     for path in (baseline, cached):
         info = probe_video(path)
         assert info["codec"] == "h264" and info["pix_fmt"] == "yuv420p"
@@ -73,7 +74,8 @@ def test_api_lists_compare_with_its_named_parameters(client):
     assert {"prompt", "preset", "threshold", "seed"} <= set(params) and params[:4] == ["prompt", "preset", "threshold",
                                                                                        "seed"]
     assert all(p["parameter_has_default"] for p in named["/compare"]["parameters"])
-    assert len(named["/compare"]["returns"]) == 8
+    # Both videos, the heatmap, the summary, the record, the seed, the peer's video, the files, the input image.
+    assert len(named["/compare"]["returns"]) == 9
 
 
 def test_compare_over_http(client):
