@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from .figures import trace_to_csv
+from .config import BWCacheConfig
+from .guardrails import no_room
 from .trace import held_memory_text, summarize
 from .video import side_by_side, to_uint8, upscale, write_mp4
 
@@ -45,7 +47,7 @@ def summary_markdown(record: dict) -> str:
     image = image_text(record)
     if image:
         lines.append(f"- {image}")
-    for hint in (no_reuse_hint(record), timing_note(record)):
+    for hint in (*record.get("warnings", ()), no_reuse_hint(record), timing_note(record)):
         if hint:
             lines.append(f"- {hint}")
     held = held_memory_text(record["trace"])
@@ -139,15 +141,14 @@ def image_text(record: dict) -> str | None:
 
 
 def no_reuse_hint(record: dict) -> str | None:
-    """Why a cached run reused nothing, when it did not (None when it reused something, or δ was 0)."""
+    """Why a cached run reused nothing, when it did not (None when it reused something, δ was 0, or the run's own
+    warnings already say that its step count left no step to reuse)."""
     config, steps = record["config"], record["settings"]["num_inference_steps"]
     if record["reuse_fraction"] > 0 or config["threshold"] == 0:
         return None
+    if no_room(BWCacheConfig.from_dict(config), steps):
+        return None
     if config["mode"] in ("blockwise", "static"):
-        warmup, tail = config.get("warmup_steps", 0), config.get("tail_steps", 0)
-        if steps <= warmup + tail + 1 or config["mode"] == "static":
-            return (f"Nothing was reused: with {steps} steps, the {warmup} warm-up and {tail} tail steps leave no step "
-                    "where a block may reuse. Use more steps or fewer warm-up and tail steps.")
         return f"Nothing was reused: no block's distance fell below δ={config['threshold']:g}. Try a higher δ."
     triggers = [t for t in record.get("trigger_steps", {}).values() if t is not None]
     if not triggers:

@@ -22,6 +22,7 @@ from . import parallel, peers
 from .config import CACHE_SETTINGS, BWCacheConfig
 from .apply import cached
 from .instruments import block_timer, synchronize
+from .guardrails import schedule_warnings
 from .images import as_frame, fit_image, read_image
 from .metrics import compare_videos, psnr
 from .policies import distance_map_config
@@ -293,6 +294,7 @@ def run_comparison(
         "speedup": baseline_seconds / cached_seconds,
         **_quality(baseline_frames, cached_frames, device),
         "image": first_frame_record(settings, baseline_frames, cached_frames, peer_frames),
+        "warnings": schedule_warnings(config, steps, preset.defaults["num_inference_steps"]),
         "reuse_fraction": reuse_fraction(trace),
         "block_share": block_share,
         "ideal_speedup": ideal_speedup(reuse_fraction(trace), block_share),
