@@ -168,7 +168,8 @@ def main(argv=None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+    path = os.pathsep.join(p_ for p_ in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p_)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=path,
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env_info = {"device": args.device, "python": sys.version.split()[0]}
     try:
@@ -199,6 +200,10 @@ def main(argv=None) -> int:
     train_deadline = min(deadline - 30, time.time() + train_minutes * 60 + TRAIN_GRACE_S)
     train_status = wait_all(procs, train_deadline)
     log(f"training done: {train_status}")
+    # Something comes back even if the evaluation is cut short by whatever runs this script.
+    (args.out / "summary.json").write_text(json.dumps(
+        {"env": env_info, "smoke": args.smoke, "train": train_status,
+         "train_log_tails": {v["name"]: tail(work / f"{v['name']}.train.log") for v in variants}}, indent=1) + "\n")
 
     # ---------------------------------------------------------------- evaluation, side by side
     eval_args = (["--steps", "6", "--prompts", "2", "--adherence-n", "4", "--i2v-n", "3", "--i2v-cached", "2",

@@ -67,6 +67,7 @@ def render_card(path: Path = ASSETS_DIR) -> str:
         "object. Prompt: `a {colour} {shape} moving {direction}`; the vocabulary is exactly the words above plus `a`, "
         "`moving`. Matching is case-insensitive and ignores punctuation; other words raise `ValueError`.",
         "",
+        *(_scene_text(config) if config.get("data") else []),
         "## Model",
         "",
         f"- Denoiser: `WanTransformer3DModel`, {t.get('num_layers')} blocks, hidden {inner} "
@@ -154,6 +155,20 @@ def render_card(path: Path = ASSETS_DIR) -> str:
     return "\n".join(out)
 
 
+def _scene_text(config: dict) -> list[str]:
+    """What the v2 scenes add, and how the model takes a first frame."""
+    scene = config["data"].get("scene", {})
+    text = (f"This model was trained on `{config['data'].get('scene_name')}` scenes (`bwcache.tiny.data.render_scenes`): "
+            f"backdrop {scene.get('background')}, up to {scene.get('distractors')} smaller distractor objects of other "
+            f"colours, camera pan in {scene.get('pan', 0):.0%} of clips, a lighting ramp in {scene.get('lighting', 0):.0%}, "
+            f"layout {scene.get('layout')}. The prompt names only the moving object; the rest is left to chance.")
+    conditioning = config.get("image_conditioning")
+    if conditioning:
+        text += (f" It also takes a first frame (`pipe(prompt, image=...)`, image conditioning `{conditioning}`): the "
+                 "video starts from the image and its motion follows the prompt.")
+    return [text, ""]
+
+
 def _phases(recipe: dict) -> list[dict]:
     return recipe.get("phases") or [recipe]
 
@@ -179,6 +194,8 @@ def _sigma(ph: dict, recipe: dict) -> str:
 
 
 def _command(training: dict, recipe: dict) -> str:
+    if recipe.get("command"):
+        return recipe["command"]
     cmd = "python -m bwcache.tiny.train"
     done = recipe.get("steps_done") or []
     done = done if isinstance(done, list) else [done]

@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -78,7 +79,7 @@ RECIPE = {
 # Meant for a GPU (`--device cuda`), where a run is bound by its time budget (`--budget-minutes`).
 RECIPE_V2 = {
     **{k: v for k, v in RECIPE.items() if k != "phases"},
-    "batch_size": 48,
+    "batch_size": 32,
     "object_weight": 2.0,
     # A small patch embedding at the start leaves the residual stream to the blocks' outputs (CPU pilot: the
     # block inputs' left arm and spread grow; see benchmarks/EMBEDDED_RESEARCH.md).
@@ -91,7 +92,7 @@ RECIPE_V2 = {
     "model": {"num_layers": 8, "num_attention_heads": 3, "attention_head_dim": 48, "ffn_dim": 432},
     "scheduler_shift": 3.0,
     "phases": [
-        {"steps": 8000, "lr": 8e-4, "warmup_steps": 200, "min_lr_ratio": 0.05,
+        {"steps": 12000, "lr": 8e-4, "warmup_steps": 200, "min_lr_ratio": 0.05,
          "sigma_logit_mean": 0.3, "sigma_high_fraction": 0.3, "sigma_high_logit_mean": 2.5, "sigma_high_logit_std": 1.0},
     ],
 }
@@ -319,6 +320,17 @@ def main(argv: list[str] | None = None) -> None:
     recipe = apply_overrides(RECIPES[args.recipe], args)
     if args.recipe != "v1":
         recipe["recipe"] = args.recipe
+        # The options that shape the weights (not where they go), for the model card's reproduce command.
+        raw = list(sys.argv[1:] if argv is None else argv)
+        skip = {"--out": 1, "--overwrite": 0, "--log-every": 1, "--save-every": 1, "--threads": 1, "--name": 1}
+        kept, i = [], 0
+        while i < len(raw):
+            if raw[i] in skip:
+                i += 1 + skip[raw[i]]
+                continue
+            kept.append(raw[i])
+            i += 1
+        recipe["command"] = "python -m bwcache.tiny.train " + " ".join(kept)
     phase_ids = list(range(len(recipe["phases"]))) if args.phase is None else [args.phase - 1]
     torch.set_num_threads(args.threads)
     torch.manual_seed(recipe["seed"])
