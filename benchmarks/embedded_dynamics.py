@@ -39,11 +39,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bwcache import BWCacheConfig, cached  # noqa: E402
 from bwcache.schedule import predict_schedule  # noqa: E402
-from bwcache.tiny.data import make_example_image  # noqa: E402
 from bwcache.tiny.evaluate import adherence_cases  # noqa: E402
+from bwcache.tiny.evaluate import i2v_cases as evaluate_i2v_cases  # noqa: E402
 from bwcache.tiny.judge import judge  # noqa: E402
 from bwcache.tiny.pipeline import build_scheduler, input_layout, load_config, load_pipeline  # noqa: E402
 
@@ -58,7 +59,6 @@ HELD_OUT_PROMPTS = (  # bwcache.bench.HELD_OUT_PROMPTS
     "a white circle moving left",
     "a yellow square moving right",
 )
-I2V_SEED_BASE = 7_000_000  # example images far from any training seed stream
 TRIGGER_WINDOW = (0.10, 0.45)
 MIN_REUSED = 0.25
 SECTIONS = ("curves", "official", "adherence", "i2v", "speed")
@@ -103,6 +103,8 @@ def curve_metrics(traces: list[dict], num_steps: int) -> dict:
     per_prompt_left = [float(np.nanmean(c[1:3]) / np.nanmin(c[lo:hi])) for c in prompt_curves]
     return {
         "mean": _nan_list(curve),
+        "min": _nan_list(np.nanmin(prompt_curves, axis=0)),  # over prompts and CFG branches
+        "max": _nan_list(np.nanmax(prompt_curves, axis=0)),
         "per_block": [_nan_list(r) for r in blocks.T],
         "left_arm_ratio": round(left / mid_min, 4),
         "left_arm_ratio_per_branch": [round(v, 3) for v in per_prompt_left],
@@ -230,12 +232,8 @@ def measure_adherence(pipe, n, seed, steps, guidance, batch) -> dict:
             "failures": [r for r in rows if not r["ok"]][:20]}
 
 
-def i2v_cases(n: int, scene: str, height: int, width: int, frames: int) -> list[tuple[str, int, np.ndarray]]:
-    out = []
-    for i in range(n):
-        image, prompt = make_example_image(I2V_SEED_BASE + i, scene, height, width, num_frames=frames)
-        out.append((prompt, 2000 + i, image))
-    return out
+def i2v_cases(n: int, scene, height: int, width: int, frames: int) -> list[tuple[str, int, np.ndarray]]:
+    return evaluate_i2v_cases(n, scene, height, width, frames)  # the same held-out pairs as the model's evaluation
 
 
 def measure_i2v(pipe, n, n_cached, scene, steps, guidance, batch, delta, defaults, log) -> dict:
@@ -340,6 +338,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=28, help="batch for the judged generations")
     p.add_argument("--only", nargs="*", choices=SECTIONS, default=None)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--svg", type=Path, default=None,
+                   help="the curves of both features (mean, range over prompts and branches) as an SVG figure")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -355,7 +355,8 @@ def main(argv=None) -> int:
     steps = args.steps or d["num_inference_steps"]
     guidance = d["guidance_scale"] if args.guidance is None else args.guidance
     conditioning = input_layout(pipe.transformer.config)[1]
-    scene = args.scene or config.get("data", {}).get("scene_name") or "v2"
+    # The example images come from the model's own training scene (its options as saved, overrides included).
+    scene = args.scene or config.get("data", {}).get("scene") or config.get("data", {}).get("scene_name") or "v2"
     result = {"model": str(args.model), "device": args.device, "steps": steps, "guidance": guidance,
               "shift": pipe.scheduler.config.shift, "image_conditioning": conditioning,
               "transformer": {k: config["transformer"][k] for k in ("num_layers", "num_attention_heads",
@@ -428,6 +429,12 @@ def main(argv=None) -> int:
         result["speed"] = measure_speed(pipe, steps, guidance)
         log(f"  one generation: {result['speed']['default_generation_s']:.2f} s on {result['speed']['device']} "
             f"({result['speed']['threads']} threads)")
+    if args.svg and result.get("curves"):
+        from indicator_curves import svg  # benchmarks/indicator_curves.py: the same figure for the shipped model
+
+        args.svg.parent.mkdir(parents=True, exist_ok=True)
+        args.svg.write_text(svg({"features": {f: result["curves"][f] for f in FEATURES}}), encoding="utf-8")
+        log(f"  wrote {args.svg}")
     result["complete"] = True
     save()
     result["targets"] = targets(result)

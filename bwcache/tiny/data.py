@@ -415,3 +415,46 @@ def make_example_image(
     """A first frame for image-to-video, (H, W, 3) float32 in [0, 1], and the prompt of the clip it starts."""
     frames, prompt = make_scene_clip(seed, scene, num_frames, height, width, colour, shape, direction)
     return frames[0], prompt
+
+
+# First frames for trying image-to-video (written to assets/i2v/ by `write_example_images`, `python scripts/make_i2v_images.py`): one per row, the clip's
+# seed and attributes; each image is frame 0 of that clip, so the prompt that matches it is the clip's own.
+EXAMPLE_IMAGES: tuple[tuple[int, str, str, str], ...] = (
+    (7_100_001, "red", "square", "right"),
+    (7_100_002, "green", "circle", "up"),
+    (7_100_003, "blue", "square", "left"),
+    (7_100_004, "yellow", "circle", "down"),
+    (7_100_005, "magenta", "square", "down"),
+    (7_100_006, "cyan", "circle", "left"),
+)
+
+
+def example_image_name(prompt: str) -> str:
+    return prompt.replace(" ", "-") + ".png"
+
+
+def write_example_images(
+    folder,
+    scene: "SceneOptions | str | dict" = "v1",
+    height: int = 32,
+    width: int = 32,
+    num_frames: int = 16,
+    cases: "tuple[tuple[int, str, str, str], ...]" = EXAMPLE_IMAGES,
+) -> list:
+    """Write the example first frames as PNGs named after their prompts ("a-red-square-moving-right.png") into
+    `folder`; returns [(path, prompt), ...]. The same arguments always write the same pixels."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for seed, colour, shape, direction in cases:
+        image, prompt = make_example_image(seed, scene, height, width, colour=colour, shape=shape,
+                                           direction=direction, num_frames=num_frames)
+        path = folder / example_image_name(prompt)
+        Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(path)
+        written.append((path, prompt))
+    return written
+

@@ -161,6 +161,8 @@ def save(out: Path, transformer, text_encoder, recipe: dict, log: list[dict], st
         config["data"] = {"scene_name": recipe["scene"],
                           "scene": scene_options(recipe["scene"], **recipe.get("scene_overrides", {})).to_dict()}
         config["image_conditioning"] = recipe.get("image_conditioning")
+        if config["image_conditioning"]:
+            config["data"]["image_fraction"] = recipe.get("image_fraction")
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (out / "training.json").write_text(
         json.dumps({"status": status, "recipe": recipe, "log": log}, indent=1) + "\n", encoding="utf-8"
@@ -183,7 +185,7 @@ def apply_overrides(recipe: dict, args) -> dict:
         recipe["batch_size"] = args.batch_size
     recipe["seed"] = args.seed
     for key in ("object_weight", "prompt_dropout", "ema_decay", "default_size_fraction", "weight_decay",
-                "embed_init_scale", "first_frame_weight"):
+                "embed_init_scale", "embed_rescale", "first_frame_weight"):
         value = getattr(args, key)
         if value is not None:
             recipe[key] = value
@@ -243,8 +245,29 @@ def load_partial(transformer, text_encoder, path: Path) -> None:
                 padded[:, : value.shape[1]] = value
                 state[key] = padded
                 copied += 1
+            elif key.endswith("patch_embedding.weight") and (value.shape[1], state[key].shape[1]) == (10, 7):
+                # concat (RGB, positions, conditioning video, mask) to replace (RGB, positions, mask): the
+                # conditioning video's channels go (frame 0 of the latents is the image itself), the mask stays.
+                state[key] = torch.cat([value[:, :6], value[:, 9:]], dim=1)
+                copied += 1
         module.load_state_dict(state)
         print(f"init from {path / name}: {copied}/{len(state)} tensors", flush=True)
+
+
+def init_stages(path: Path) -> list[dict]:
+    """The training stages behind the weights in `path` (its own stages, then itself), so that a model fine-tuned
+    from another one records the whole recipe: each stage's command, steps, status and time."""
+    previous = Path(path) / "training.json"
+    if not previous.is_file():
+        return [{"init": str(path), "command": None, "note": "weights of unknown origin (no training.json)"}]
+    t = json.loads(previous.read_text(encoding="utf-8"))
+    r = t.get("recipe", {})
+    log = t.get("log", [])
+    stage = {"init": str(path), "command": r.get("command"), "steps_done": r.get("steps_done"),
+             "status": t.get("status"), "elapsed_s": log[-1]["elapsed_s"] if log else None,
+             "batch_size": r.get("batch_size"), "final_loss": round(log[-1]["loss"], 4) if log else None,
+             "phases": r.get("phases")}
+    return [*r.get("stages", []), stage]
 
 
 def sample_sigma(phase: dict, bs: int, gen: torch.Generator) -> torch.Tensor:
@@ -282,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--snapshots", type=Path, default=None,
+                   help="also keep every save in its own folder under this one (step-NNNNN), to compare checkpoints")
     g = p.add_argument_group("recipe overrides (v2: model, scene, image, sampler)")
     g.add_argument("--layers", type=int)
     g.add_argument("--heads", type=int)
@@ -311,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--default-size-fraction", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--embed-init-scale", type=float, help="scale the patch embedding's initial weights")
+    g.add_argument("--embed-rescale", type=float,
+                   help="scale the patch embedding of the weights loaded by --init or --init-from (a fine-tune)")
     g.add_argument("--first-frame-weight", type=float,
                    help="concat image conditioning: weight of frame 0's error where the image is given")
     args = p.parse_args(argv)
@@ -322,7 +349,8 @@ def main(argv: list[str] | None = None) -> None:
         recipe["recipe"] = args.recipe
         # The options that shape the weights (not where they go), for the model card's reproduce command.
         raw = list(sys.argv[1:] if argv is None else argv)
-        skip = {"--out": 1, "--overwrite": 0, "--log-every": 1, "--save-every": 1, "--threads": 1, "--name": 1}
+        skip = {"--out": 1, "--overwrite": 0, "--log-every": 1, "--save-every": 1, "--threads": 1, "--name": 1,
+                "--snapshots": 1}
         kept, i = [], 0
         while i < len(raw):
             if raw[i] in skip:
@@ -361,12 +389,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.init_from is not None:
         load_partial(transformer, text_encoder, args.init_from)
         recipe["init_from"] = str(args.init_from)
-    if recipe.get("embed_init_scale", 1.0) != 1.0:
+        recipe["stages"] = init_stages(args.init_from)
+    if recipe.get("embed_init_scale", 1.0) != 1.0 and args.init_from is None and phase_ids[0] == 0:
+        # (Only from scratch: weights loaded by --init or --init-from keep their patch embedding.)
         # A small patch embedding leaves the residual stream to the blocks' outputs, as in large DiTs, where the
         # stream grows many times over depth; with a large one every block's input is mostly the embedded x_t.
         with torch.no_grad():
             transformer.patch_embedding.weight.mul_(recipe["embed_init_scale"])
             transformer.patch_embedding.bias.mul_(recipe["embed_init_scale"])
+    if recipe.get("embed_rescale", 1.0) != 1.0:
+        # Shrink the loaded patch embedding (weight and bias): block 0 sees the same normalised input, but the blocks'
+        # outputs become a larger part of the residual stream the later blocks read; the fine-tune adapts to it.
+        with torch.no_grad():
+            transformer.patch_embedding.weight.mul_(recipe["embed_rescale"])
+            transformer.patch_embedding.bias.mul_(recipe["embed_rescale"])
     transformer.to(device)
     text_encoder.to(device)
     params = list(transformer.parameters()) + list(text_encoder.parameters())
@@ -505,6 +541,9 @@ def main(argv: list[str] | None = None) -> None:
                 if out_of_time:
                     status += f" (time budget {args.budget_minutes} min, {done} steps)"
                 save(args.out, ema_t, ema_e, dict(recipe, steps_done=counts, parameters=n_params), log, status)
+                if args.snapshots is not None:
+                    save(args.snapshots / f"step-{step_offset + done:05d}", ema_t, ema_e,
+                         dict(recipe, steps_done=counts, parameters=n_params), log, status)
                 print(f"saved EMA weights to {args.out} ({status})", flush=True)
             if stopped:
                 print(f"stopping after {done} steps of phase {index + 1}", flush=True)
