@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The sweep: K variants trained concurrently. Every entry adds options to `python -m bwcache.tiny.train --recipe v2`
 # (RECIPE_V2: scene v2, concat image conditioning given half the time, 8 blocks of hidden 144, shift 3, batch 32).
+PLAIN = ["--background", "black", "--distractors", "0", "--pan", "0", "--lighting", "0", "--layout", "v1"]
 VARIANTS: list[dict] = [
     # The recipe as it stands: 8 blocks, patch embedding initialised at 0.05x, concat image conditioning.
     {"name": "l8-emb005", "args": []},
@@ -42,8 +43,12 @@ VARIANTS: list[dict] = [
     # Concat image conditioning with frame 0's error weighed 4x where the image is given (first-frame fidelity).
     {"name": "l8-emb005-ff4", "args": ["--first-frame-weight", "4"]},
     # Data ablation: v1-like clips (one object on black, v1 layout), same model and conditioning.
-    {"name": "l8-emb005-plain", "args": ["--background", "black", "--distractors", "0", "--pan", "0",
-                                         "--lighting", "0", "--layout", "v1"]},
+    {"name": "l8-emb005-plain", "args": PLAIN},
+    # Stage 4: plain clips with replace conditioning, from scratch, from the stage-3 plain model, and a smaller embedding.
+    {"name": "plain-replace", "args": [*PLAIN, "--image-conditioning", "replace"]},
+    {"name": "plain-replace-ft", "args": [*PLAIN, "--image-conditioning", "replace",
+                                          "--init-from", "runs/init-plain"]},
+    {"name": "plain-replace-emb002", "args": [*PLAIN, "--image-conditioning", "replace", "--embed-init-scale", "0.02"]},
 ]
 
 TRAIN_MINUTES = 3.2  # each variant's time budget (its schedule anneals within it)
