@@ -43,7 +43,9 @@ def render_card(path: Path = ASSETS_DIR) -> str:
     out = [
         "# Tiny Shapes",
         "",
-        "The embedded text-to-video model of BWCache. It runs on a CPU in a few seconds, so the app, the CLI and the",
+        ("The embedded text-to-video (and image-to-video) model of BWCache. It runs on a CPU in a few seconds, so "
+         "the app, the CLI and the" if config.get("image_conditioning") else
+         "The embedded text-to-video model of BWCache. It runs on a CPU in a few seconds, so the app, the CLI and the"),
         "tests work offline, and its caching behaviour (block feature distances over steps, quality loss) is that of",
         "a real diffusion transformer: the denoiser is the stock diffusers `WanTransformer3DModel`, the class Wan2.1",
         "uses, with a small config, called by a pipeline that mirrors `WanPipeline`.",
@@ -52,6 +54,9 @@ def render_card(path: Path = ASSETS_DIR) -> str:
         "from bwcache.tiny import load_pipeline",
         "pipe = load_pipeline()",
         f'video = pipe("{d.get("prompt", "a red square moving right")}").frames[0]  # (frames, H, W, 3) in [0, 1]',
+        *([f'video = pipe("{d.get("prompt", "a red square moving right")}", image=first_frame).frames[0]  '
+           "# image-to-video: the clip starts from the image",
+           ] if config.get("image_conditioning") else []),
         "```",
         "",
         "## Data",
@@ -67,12 +72,14 @@ def render_card(path: Path = ASSETS_DIR) -> str:
         "object. Prompt: `a {colour} {shape} moving {direction}`; the vocabulary is exactly the words above plus `a`, "
         "`moving`. Matching is case-insensitive and ignores punctuation; other words raise `ValueError`.",
         "",
+        *(_scene_text(config) if config.get("data") else []),
         "## Model",
         "",
         f"- Denoiser: `WanTransformer3DModel`, {t.get('num_layers')} blocks, hidden {inner} "
         f"({t.get('num_attention_heads')} heads x {t.get('attention_head_dim')}), FFN {t.get('ffn_dim')}, "
         f"patch {tuple(t.get('patch_size', []))}, in/out channels {t.get('in_channels')}/{t.get('out_channels')}, "
         f"text_dim {t.get('text_dim')}, freq_dim {t.get('freq_dim')}, rope_max_seq_len {t.get('rope_max_seq_len')}."
+        + _input_text(config)
         + (" The input adds three fixed position channels (ramps from -1 to 1 along frames, rows and columns), "
            "concatenated to the latents the way Wan's image-to-video model takes its conditioning: RoPE is relative "
            "and the patch embedding has no padding, so without them no patch could tell where in the frame it sits."
@@ -92,8 +99,10 @@ def render_card(path: Path = ASSETS_DIR) -> str:
         "",
         "## Training",
         "",
+        *_stages_text(recipe),
         f"`{_command(training, recipe)}` reproduces these weights from seed {recipe.get('seed')} (bit for bit on "
-        "the same CPU and thread count; floating-point rounding differs elsewhere).",
+        "the same CPU and thread count; floating-point rounding differs elsewhere)"
+        + (", starting from the weights of the stages above." if recipe.get("stages") else "."),
         "",
         "Flow matching as in Wan: x_t = (1 - s) x0 + s noise, target velocity noise - x0, timestep 1000 s, with s drawn "
         "logit-normal (per phase below)"
@@ -136,6 +145,16 @@ def render_card(path: Path = ASSETS_DIR) -> str:
             f"{s['default_generation_s']:.2f} s, two generations {s['two_generations_s']:.2f} s, without CFG "
             f"{s['no_cfg_generation_s']:.2f} s; loading {ev['load_s']:.2f} s.",
         ]
+        i2v = ev.get("i2v")
+        if i2v:
+            ff, wo, ia = i2v["first_frame_psnr"], i2v["first_frame_psnr_without_image"], i2v["adherence"]
+            out += [
+                f"- Image-to-video on {i2v['n']} held-out (image, prompt) pairs (frame 0 of clips of the training "
+                f"scene, seeds from {7_000_000:,}): first generated frame against the image {_db(ff['median'])} "
+                f"median, {_db(ff['min'])} at worst; the same prompt and seed without the image "
+                f"{_db(wo['median'])} median; motion follows the prompt in **{ia['passed']}/{i2v['n']} = "
+                f"{ia['rate']:.0%}** (direction {ia['direction_rate']:.0%}).",
+            ]
         if a["rate"] < 0.9:
             out += [
                 "",
@@ -152,6 +171,75 @@ def render_card(path: Path = ASSETS_DIR) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _scene_text(config: dict) -> list[str]:
+    """What the v2 scenes add, and how the model takes a first frame."""
+    scene = config["data"].get("scene", {})
+    from .data import SCENES
+
+    if scene == SCENES["v1"].to_dict():
+        text = ("The clips are rendered per batch in torch (`bwcache.tiny.data.render_scenes` with the `v1` scene "
+                "options: the clips described above).")
+        conditioning = config.get("image_conditioning")
+        if conditioning:
+            text += (f" It also takes a first frame (`pipe(prompt, image=...)`, image conditioning `{conditioning}`): "
+                     "the video starts from the image and its motion follows the prompt. During training the first "
+                     "frame is given to " f"{config['data'].get('image_fraction', 0.5):.0%} of the clips.")
+        return [text, ""]
+    text = (f"This model was trained on `{config['data'].get('scene_name')}` scenes (`bwcache.tiny.data.render_scenes`): "
+            f"backdrop {scene.get('background')}, up to {scene.get('distractors')} smaller distractor objects of other "
+            f"colours, camera pan in {scene.get('pan', 0):.0%} of clips, a lighting ramp in {scene.get('lighting', 0):.0%}, "
+            f"layout {scene.get('layout')}. The prompt names only the moving object; the rest is left to chance.")
+    conditioning = config.get("image_conditioning")
+    if conditioning:
+        text += (f" It also takes a first frame (`pipe(prompt, image=...)`, image conditioning `{conditioning}`): the "
+                 "video starts from the image and its motion follows the prompt.")
+    return [text, ""]
+
+
+def _db(v) -> str:
+    return "exact (infinite PSNR)" if v is None else f"{v:.1f} dB"
+
+
+def _input_text(config: dict) -> str:
+    conditioning = config.get("image_conditioning")
+    if conditioning == "replace":
+        return (" A first frame is taken as Wan2.2's TI2V model takes its first latent frame: the sampler writes the "
+                "clean image into frame 0 of the latents before every step and at the end, so frame 0 is never "
+                "denoised and is the image exactly; a mask channel (1 on frame 0 when an image is given, all zeros "
+                "for text-to-video) tells the model which frame is given.")
+    if conditioning == "concat":
+        return (" A first frame is taken as Wan2.1's image-to-video model takes it: a conditioning video (the image "
+                "at frame 0, zeros elsewhere) and a mask channel are concatenated to the latents.")
+    return ""
+
+
+def _stage_command(st: dict) -> str:
+    cmd = st.get("command") or "(unknown)"
+    done, phases = st.get("steps_done") or [], st.get("phases") or []
+    if ("--budget-minutes" not in cmd and done and phases and len(done) == len(phases)
+            and done[-1] < phases[-1].get("steps", 0) and "--stop-after" not in cmd):
+        cmd += f" --stop-after {done[-1]}"  # stopped early; its schedule still spans the phase's steps
+    return f"{cmd} --out {st.get('init')}"
+
+
+def _stages_text(recipe: dict) -> list[str]:
+    """The stages a fine-tuned model started from (`--init-from`), oldest first."""
+    stages = recipe.get("stages") or []
+    if not stages:
+        return []
+    lines = ["Trained in stages, each starting from the EMA weights of the one before (`--init-from`):", ""]
+    for i, st in enumerate(stages):
+        minutes = f"{st['elapsed_s'] / 60:.1f} min" if st.get("elapsed_s") else "time unknown"
+        cmd = st.get("command") or ""
+        device = "a GPU" if "--device cuda" in cmd else "the CPU"
+        budget = (" The run stopped at its time budget, so the steps it reaches depend on the machine and its load."
+                  if "--budget-minutes" in cmd else "")
+        lines.append(f"{i + 1}. `{_stage_command(st)}`: {sum(st.get('steps_done') or [0])} steps at batch "
+                     f"{st.get('batch_size')}, {minutes} on {device}, final loss {st.get('final_loss')}.{budget}")
+    lines += [f"{len(stages) + 1}. This model, the command below.", ""]
+    return lines
 
 
 def _phases(recipe: dict) -> list[dict]:
@@ -179,7 +267,9 @@ def _sigma(ph: dict, recipe: dict) -> str:
 
 
 def _command(training: dict, recipe: dict) -> str:
-    cmd = "python -m bwcache.tiny.train"
+    cmd = recipe.get("command") or "python -m bwcache.tiny.train"
+    if "--budget-minutes" in cmd or "--stop-after" in cmd:
+        return cmd
     done = recipe.get("steps_done") or []
     done = done if isinstance(done, list) else [done]
     phases = _phases(recipe)

@@ -1,4 +1,5 @@
-"""Measure the shipped Tiny Shapes model: prompt adherence judged from pixels, and generation time.
+"""Measure the shipped Tiny Shapes model: prompt adherence judged from pixels, generation time and, for a model that
+takes a first frame, image-to-video (the first frame against the image, motion judged).
 
     python -m bwcache.tiny.evaluate                  # measures the shipped model and prints the results
     python -m bwcache.tiny.evaluate --write          # also writes eval.json and refreshes the model card in --path
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -16,9 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import COLOURS, DIRECTIONS, SHAPES, make_clip, make_prompt
+from .data import COLOURS, DIRECTIONS, SHAPES, make_clip, make_example_image, make_prompt
 from .judge import judge
-from .pipeline import ASSETS_DIR, load_pipeline
+from .pipeline import ASSETS_DIR, input_layout, load_config, load_pipeline
+
+I2V_SEED_BASE = 7_000_000  # held-out (image, prompt) pairs: clip seeds far from any training stream
+I2V_NOISE_SEED = 2000
 
 
 def adherence_cases(n: int, seed: int) -> list[tuple[str, int]]:
@@ -47,6 +52,59 @@ def measure_adherence(pipe, n: int = 56, seed: int = 1234, **call_kwargs) -> dic
         "direction_rate": sum(r["direction_ok"] for r in rows) / n,
         "settings": call_kwargs,
         "failures": [r for r in rows if not r["ok"]],
+    }
+
+
+def psnr(a, b) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def i2v_cases(n: int, scene, height: int = 32, width: int = 32, num_frames: int = 16) -> list[tuple[str, int, np.ndarray]]:
+    """n held-out (prompt, noise seed, first frame) triples: frame 0 of a clip of `scene` and that clip's prompt."""
+    out = []
+    for i in range(n):
+        image, prompt = make_example_image(I2V_SEED_BASE + i, scene, height, width, num_frames=num_frames)
+        out.append((prompt, I2V_NOISE_SEED + i, image))
+    return out
+
+
+def model_scene(path: Path):
+    """The scene a model was trained on (its saved options), for its example images; v1 clips if not recorded."""
+    return load_config(path).get("data", {}).get("scene") or "v1"
+
+
+def measure_i2v(pipe, scene, n: int = 24, batch: int = 8, **call_kwargs) -> dict:
+    """Image-to-video on held-out pairs: PSNR of the first generated frame to the image; the same prompt and seed
+    without the image (it must not match); the motion judged from pixels as for text-to-video."""
+    d = pipe.defaults
+    cases = i2v_cases(n, scene, call_kwargs.get("height", d["height"]), call_kwargs.get("width", d["width"]),
+                      call_kwargs.get("num_frames", d["num_frames"]))
+    with_image, without, rows = [], [], []
+    for i in range(0, n, batch):
+        chunk = cases[i:i + batch]
+        common = dict(prompt=[p for p, _, _ in chunk], output_type="np", **call_kwargs)
+        gens = lambda: [torch.Generator("cpu").manual_seed(s) for _, s, _ in chunk]  # noqa: E731
+        a = pipe(**common, image=[im for _, _, im in chunk], generator=gens()).frames
+        b = pipe(**common, generator=gens()).frames
+        for (prompt, s, image), fa, fb in zip(chunk, a, b):
+            with_image.append(psnr(fa[0], image))
+            without.append(psnr(fb[0], image))
+            j = judge(fa, prompt)
+            rows.append({"prompt": prompt, "seed": s, "ok": j.ok, "colour_ok": j.colour_ok,
+                         "direction_ok": j.direction_ok, "direction": j.direction})
+    finite = lambda v: round(v, 2) if math.isfinite(v) else None  # noqa: E731
+    return {
+        "n": n,
+        "scene": scene,
+        "first_frame_psnr": {"median": finite(statistics.median(with_image)), "min": finite(min(with_image)),
+                             "share_at_least_25": sum(v >= 25 for v in with_image) / n},
+        "first_frame_psnr_without_image": {"median": finite(statistics.median(without)),
+                                           "max": finite(max(without))},
+        "adherence": {"passed": sum(r["ok"] for r in rows), "rate": sum(r["ok"] for r in rows) / n,
+                      "colour_rate": sum(r["colour_ok"] for r in rows) / n,
+                      "direction_rate": sum(r["direction_ok"] for r in rows) / n,
+                      "failures": [r for r in rows if not r["ok"]]},
     }
 
 
@@ -85,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=56)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--i2v-n", type=int, default=24, help="held-out (image, prompt) pairs (models that take an image)")
     p.add_argument("--write", action="store_true", help="write eval.json and refresh the model card in --path")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -104,6 +163,12 @@ def main(argv: list[str] | None = None) -> None:
           f"direction {a['direction_rate']:.1%})", flush=True)
     for f in a["failures"]:
         print("  failed:", f, flush=True)
+    if input_layout(pipe.transformer.config)[1] is not None and args.i2v_n:
+        result["i2v"] = measure_i2v(pipe, model_scene(args.path), args.i2v_n)
+        i = result["i2v"]
+        print(f"image-to-video: first-frame PSNR median {i['first_frame_psnr']['median']} dB (min "
+              f"{i['first_frame_psnr']['min']}), without the image {i['first_frame_psnr_without_image']['median']} dB; "
+              f"motion {i['adherence']['passed']}/{i['n']} = {i['adherence']['rate']:.1%}", flush=True)
     if args.write:
         (args.path / "eval.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         from .card import write_card

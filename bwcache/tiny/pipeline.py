@@ -89,14 +89,107 @@ def position_channels(video: torch.Tensor) -> torch.Tensor:
     return grid.unsqueeze(0).expand(b, -1, -1, -1, -1)
 
 
+# How a model takes a first frame (image-to-video), told apart by its extra input channels beyond the video's:
+#   None       3 position channels only: text-to-video.
+#   "concat"   positions, then the conditioning video (the image at frame 0, zeros elsewhere) and a mask channel
+#              (1 at frame 0), as Wan2.1's image-to-video model takes them; all zeros when no image is given.
+#   "replace"  positions, then a mask channel; the sampler overwrites frame 0 of the latents with the clean image
+#              before every step and at the end (as Wan2.2's TI2V model does with its first latent frame).
+IMAGE_CONDITIONING = (None, "concat", "replace")
+
+
+def input_layout(config) -> tuple[bool, str | None]:
+    """(takes position channels, image conditioning) of a transformer config, from its channel counts."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
+    out = get("out_channels")
+    extra = get("in_channels") - out
+    layouts = {0: (False, None), 3: (True, None), 3 + out + 1: (True, "concat"), 3 + 1: (True, "replace")}
+    if extra not in layouts:
+        raise ValueError(
+            f"in_channels must be out_channels (+3 position channels, +{out + 1} or +1 image-conditioning channels), "
+            f"got in_channels={get('in_channels')}, out_channels={out}"
+        )
+    return layouts[extra]
+
+
+def in_channels_for(image_conditioning: str | None, out_channels: int = 3) -> int:
+    if image_conditioning not in IMAGE_CONDITIONING:
+        raise ValueError(f"image_conditioning must be one of {IMAGE_CONDITIONING}, got {image_conditioning!r}")
+    return out_channels + 3 + {None: 0, "concat": out_channels + 1, "replace": 1}[image_conditioning]
+
+
+def model_input(
+    video: torch.Tensor,
+    transformer: WanTransformer3DModel,
+    image: torch.Tensor | None = None,
+    present: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The transformer's input for latents `video` (B, C, F, H, W): the video, position channels when the config
+    takes them, and the image conditioning of its layout. `image` (B, C, H, W) in [-1, 1] is the first frame, or
+    None for text-to-video (its channels are then zeros); `present` (B,) bool, if given, says which rows of the batch
+    take their image (training mixes both). For "replace" the caller puts the image into frame 0 of `video` itself."""
+    positions, conditioning = input_layout(transformer.config)
+    if image is not None and conditioning is None:
+        raise ValueError("this model takes no image (it was trained for text-to-video only)")
+    parts = [video]
+    if positions:
+        parts.append(position_channels(video))
+    if conditioning is not None:
+        b, c, f, h, w = video.shape
+        mask = torch.zeros(b, 1, f, h, w, device=video.device, dtype=video.dtype)
+        flag = None
+        if image is not None:
+            flag = (torch.ones(b, device=video.device, dtype=video.dtype) if present is None
+                    else present.to(device=video.device, dtype=video.dtype))
+        if conditioning == "concat":
+            cond = torch.zeros_like(video)
+            if image is not None:
+                cond[:, :, 0] = image.to(video.dtype) * flag.view(b, 1, 1, 1)
+            parts.append(cond)
+        if image is not None:
+            mask[:, 0, 0] = flag.view(b, 1, 1)
+        parts.append(mask)
+    return torch.cat(parts, dim=1) if len(parts) > 1 else video
+
+
 def with_positions(video: torch.Tensor, transformer: WanTransformer3DModel) -> torch.Tensor:
-    """The transformer's input: `video` plus position channels when its config takes them."""
-    extra = transformer.config.in_channels - transformer.config.out_channels
-    if extra == 0:
-        return video
-    if extra != 3:
-        raise ValueError(f"in_channels must equal out_channels or out_channels + 3, got {transformer.config}")
-    return torch.cat([video, position_channels(video)], dim=1)
+    """The transformer's input: `video` plus position channels when its config takes them (and empty image
+    conditioning for a model that also takes a first frame)."""
+    return model_input(video, transformer)
+
+
+def prepare_image(image, height: int, width: int, batch_size: int, device, dtype=torch.float32) -> torch.Tensor:
+    """A first frame as (B, 3, H, W) in [-1, 1]: a PIL image, an array (H, W, 3) in [0, 1] or uint8, a tensor
+    (3, H, W) or (H, W, 3) in [0, 1], or a list of these (one per prompt). Resized to (height, width) if needed."""
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    tensors = []
+    for item in items:
+        if hasattr(item, "convert") and hasattr(item, "size"):  # PIL
+            item = np.asarray(item.convert("RGB"))
+        if isinstance(item, np.ndarray):
+            arr = item
+            if arr.dtype == np.uint8:
+                arr = arr.astype(np.float32) / 255.0
+            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        elif isinstance(item, torch.Tensor):
+            t = item.detach().float().cpu()
+        else:
+            raise ValueError(f"image must be a PIL image, an array or a tensor, got {type(item).__name__}")
+        if t.ndim == 3 and t.shape[-1] == 3 and t.shape[0] != 3:
+            t = t.permute(2, 0, 1)
+        if t.ndim != 3 or t.shape[0] != 3:
+            raise ValueError(f"image must be (H, W, 3) or (3, H, W), got shape {tuple(t.shape)}")
+        if t.max() > 1.5:
+            t = t / 255.0
+        if tuple(t.shape[1:]) != (height, width):
+            t = torch.nn.functional.interpolate(t[None], size=(height, width), mode="bilinear", antialias=True,
+                                                align_corners=False)[0]
+        tensors.append(t.clamp(0, 1) * 2 - 1)
+    if len(tensors) == 1:
+        tensors = tensors * batch_size
+    if len(tensors) != batch_size:
+        raise ValueError(f"got {len(tensors)} images for {batch_size} prompts; give one image or one per prompt")
+    return torch.stack(tensors).to(device=device, dtype=dtype)
 
 
 def build_transformer(config: dict[str, Any] | None = None) -> WanTransformer3DModel:
@@ -201,7 +294,9 @@ class TinyShapesPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        image=None,
     ):
+        """`image`: an optional first frame (image-to-video), for a model trained to take one; see `prepare_image`."""
         d = self.defaults
         prompt = d["prompt"] if prompt is None else prompt
         negative_prompt = d["negative_prompt"] if negative_prompt is None else negative_prompt
@@ -243,10 +338,21 @@ class TinyShapesPipeline(DiffusionPipeline):
 
         self._num_timesteps = len(timesteps)
         self.scheduler.set_begin_index(0)
+        conditioning = input_layout(self.transformer.config)[1]
+        if image is not None:
+            if conditioning is None:
+                raise ValueError("this model takes no image: it was trained for text-to-video only")
+            image = prepare_image(image, height, width, batch_size, device)
+        replace_first = image is not None and conditioning == "replace"
 
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
-                latent_model_input = with_positions(latents.to(transformer_dtype), self.transformer)
+                if replace_first:
+                    latents[:, :, 0] = image
+                latent_model_input = model_input(
+                    latents.to(transformer_dtype), self.transformer,
+                    None if image is None else image.to(transformer_dtype),
+                )
                 timestep = t.expand(latents.shape[0])
                 cache_context_kwargs = {
                     "step_index": i,
@@ -284,6 +390,8 @@ class TinyShapesPipeline(DiffusionPipeline):
 
                 progress_bar.update()
 
+        if replace_first:
+            latents[:, :, 0] = image
         if output_type == "latent":
             video = latents
         else:

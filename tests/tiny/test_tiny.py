@@ -335,6 +335,81 @@ def test_the_direction_comes_from_the_prompt_not_the_noise(pipe, fixed_clips):
     assert judge(fixed_clips[("a red square moving right", 0)], "a red square moving right").direction == "right"
 
 
+# ------------------------------------------------------------------ image-to-video
+
+
+def _example(seed: int = 7_000_000):
+    from bwcache.tiny.data import make_example_image
+    from bwcache.tiny.pipeline import load_config
+
+    scene = load_config().get("data", {}).get("scene", "v1")
+    return make_example_image(seed, scene)
+
+
+def test_the_shipped_model_takes_a_first_frame(pipe):
+    from bwcache.tiny.pipeline import input_layout
+
+    assert input_layout(pipe.transformer.config) == (True, "replace")
+
+
+def test_image_to_video_starts_from_the_image(pipe):
+    image, prompt = _example()
+    frames = pipe(prompt, image=image, num_inference_steps=FEW_STEPS, generator=_gen(0)).frames[0]
+    # Frame 0 is never denoised: it is the image (to float rounding), the rest of the clip is generated.
+    assert np.abs(frames[0] - image).max() < 1e-5
+    assert not np.allclose(frames[1], frames[0], atol=0.05)
+    without = pipe(prompt, num_inference_steps=FEW_STEPS, generator=_gen(0)).frames[0]
+    mse = float(np.mean((without[0] - image) ** 2))
+    assert 10 * np.log10(1 / mse) < 25  # the same prompt and seed without the image does not reproduce it
+    # One image per prompt, or one for all; PIL images and uint8 arrays as well as floats.
+    from PIL import Image
+
+    uint8 = (image * 255).round().astype(np.uint8)
+    batch = pipe([prompt, prompt], image=[Image.fromarray(uint8), uint8], num_inference_steps=2,
+                 generator=_gen(1)).frames
+    assert np.abs(batch[:, 0] - uint8 / 255.0).max() < 1e-5
+    with pytest.raises(ValueError, match="images for 3 prompts"):
+        pipe([prompt] * 3, image=[image, image], num_inference_steps=2)
+
+
+def test_image_to_video_follows_the_prompt(pipe):
+    # Default settings: the clip starts from the image and moves the way the prompt says.
+    image, prompt = _example(7_000_001)
+    frames = pipe(prompt, image=image, generator=_gen(2001)).frames[0]
+    verdict = judge(frames, prompt)
+    assert verdict.ok, (verdict.colour, verdict.direction, verdict.details)
+
+
+def test_example_images_are_the_data_modules(tmp_path):
+    from PIL import Image
+
+    from bwcache.tiny.data import EXAMPLE_IMAGES, example_image_name, make_prompt, write_example_images
+    from bwcache.tiny.pipeline import load_config
+
+    shipped = ASSETS_DIR.parent / "i2v"
+    config = load_config()
+    written = write_example_images(tmp_path, config["data"]["scene"])
+    assert [prompt for _, prompt in written] == [make_prompt(c, s, d) for _, c, s, d in EXAMPLE_IMAGES]
+    for path, prompt in written:
+        assert path.name == example_image_name(prompt)
+        ours, theirs = np.asarray(Image.open(path)), np.asarray(Image.open(shipped / path.name))
+        assert ours.shape == (32, 32, 3) and np.array_equal(ours, theirs), path.name
+        # The named object is in the image (its colour is there).
+        assert judge(np.repeat(ours[None] / 255.0, 2, axis=0), prompt).colour_ok
+
+
+def test_the_vocabulary_is_still_accepted(pipe):
+    # Every prompt the first model took is still a valid prompt, in any case and with punctuation.
+    enc = pipe.text_encoder
+    for colour in ("red", "green", "blue", "yellow", "magenta", "cyan", "white"):
+        for shape in ("square", "circle"):
+            for direction in ("left", "right", "up", "down"):
+                prompt = f"a {colour} {shape} moving {direction}"
+                ids = enc.tokenizer.encode(prompt)
+                assert ids == enc.tokenizer.encode(prompt.upper() + ".")
+    pipe("A RED circle, moving up!", num_inference_steps=1)
+
+
 # ------------------------------------------------------------------ training
 
 
@@ -342,7 +417,9 @@ def test_training_script_writes_a_loadable_model(tmp_path, no_network):
     from bwcache.tiny.train import main as train
 
     out = tmp_path / "tiny"
-    train(["--steps", "2", "--out", str(out), "--threads", "1", "--log-every", "1", "--batch-size", "2"])
+    # The shipped model's architecture: recipe v2 (8 blocks) with a replaced first frame.
+    train(["--recipe", "v2", "--image-conditioning", "replace", "--steps", "2", "--out", str(out), "--threads", "1",
+           "--log-every", "1", "--batch-size", "2", "--default-size-fraction", "1"])
     for name in ("config.json", "transformer.safetensors", "text_encoder.safetensors", "training.json", "README.md"):
         assert (out / name).is_file(), name
     log = json.loads((out / "training.json").read_text())["log"]
@@ -353,6 +430,28 @@ def test_training_script_writes_a_loadable_model(tmp_path, no_network):
     assert frames.shape == (1, 8, 24, 24, 3) and np.isfinite(frames).all()
     shipped = load_pipeline(device="cpu")
     assert dict(pipe.transformer.config) == dict(shipped.transformer.config)
+
+
+def test_fine_tuning_records_the_stages_before(tmp_path, no_network):
+    # A model trained from another one's weights (--init-from) keeps the commands of the stages behind it, and a
+    # concat-conditioned model's weights fit a replace-conditioned one (the conditioning video's channels go).
+    from bwcache.tiny.train import main as train
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--recipe", "v2", "--layers", "2", "--steps", "1", "--threads", "1", "--batch-size", "2",
+              "--default-size-fraction", "1", "--scene", "v1"]
+    train([*common, "--out", str(first), "--image-conditioning", "concat"])
+    train([*common, "--out", str(second), "--image-conditioning", "replace", "--init-from", str(first)])
+    recipe = json.loads((second / "training.json").read_text())["recipe"]
+    assert [st["init"] for st in recipe["stages"]] == [str(first)]
+    assert "--image-conditioning concat" in recipe["stages"][0]["command"]
+    assert "--init-from" in recipe["command"]
+    from safetensors.torch import load_file
+
+    a = load_file(str(first / "transformer.safetensors"))["patch_embedding.weight"]
+    b = load_file(str(second / "transformer.safetensors"))["patch_embedding.weight"]
+    assert a.shape[1] == 10 and b.shape[1] == 7
+    assert "Trained in stages" in (second / "README.md").read_text()
 
 
 def test_training_never_replaces_a_model_unasked(tmp_path, capsys):
