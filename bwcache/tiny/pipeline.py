@@ -445,5 +445,18 @@ def load_pipeline(
         dtype = getattr(torch, dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe.to(device=device, dtype=dtype)
+    if dtype is not None:
+        cast_like_from_pretrained(transformer, dtype)
+        text_encoder.to(dtype)
+    pipe.to(device=device)
     return pipe
+
+
+def cast_like_from_pretrained(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast to `dtype` keeping the parameters and buffers the class lists in `_keep_in_fp32_modules` in float32, as
+    `from_pretrained(torch_dtype=...)` does (a plain `.to(dtype)` casts them too, and diffusers warns about it)."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        target = torch.float32 if keep.intersection(name.split(".")) else dtype
+        if tensor.is_floating_point() and tensor.dtype != target:
+            tensor.data = tensor.data.to(target)
