@@ -393,9 +393,10 @@ def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
                 preset = as_sent(gr.Dropdown([(p.label, name) for name, p in PRESETS.items()], value=DEFAULT_PRESET,
                                              label="Model preset", elem_id="preset"))
                 controls["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-                # The image is checked by the app (format, size) and fitted to the video; Gradio passes the path.
                 controls["image"] = gr.Image(label="First frame", type="filepath", sources=["upload"],
                                              image_mode=None, visible=False, elem_id="image")
+                # Passed on as a path, undecoded: the app checks format and size before any pixel is decoded.
+                controls["image"].preprocess = lambda data: data.path if data is not None else None
                 controls["profile"] = as_sent(gr.Dropdown(
                     list(PRESETS[DEFAULT_PRESET].profile_names) if DEFAULT_PRESET else [], value=DEFAULT_PROFILE,
                     label="Profile", elem_id="profile"))

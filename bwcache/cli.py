@@ -12,7 +12,7 @@ from .config import CACHE_SETTINGS
 from .parallel import KINDS, close_distributed, init_distributed, is_main_process
 from .pipelines import PipelineUnavailable
 from .outputs import check_writable
-from .report import OUTPUT_FILES
+from .report import INPUT_IMAGE, OUTPUT_FILES
 from .settings import Setting, Settings
 
 
@@ -153,6 +153,8 @@ def _compare(args) -> int:
         targets.append(args.json)
     if args.out_dir:
         targets += [args.out_dir / name for name in OUTPUT_FILES.values()]
+        if args.image is not None:
+            targets.append(args.out_dir / INPUT_IMAGE)
     existing = [str(p) for p in targets if p.exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"Refusing to overwrite {', '.join(existing)}; pass --overwrite or choose other paths.")

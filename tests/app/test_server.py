@@ -7,7 +7,9 @@ import socket
 from pathlib import Path
 
 import pytest
-from gradio_client import Client
+from PIL import Image
+import numpy as np
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 import app
@@ -91,6 +93,28 @@ def test_compare_default_preset_over_http(client):
                             api_name="/compare")
     record = check_outputs(result, frames=app.PRESETS["tiny-shapes"].defaults["num_frames"])
     assert record["preset"] == "tiny-shapes"
+
+
+@pytest.mark.skipif(not TINY_READY, reason="the Tiny Shapes weights (assets/tiny-shapes/) are not there")
+def test_image_to_video_over_http(client, tmp_path):
+    pixels = np.zeros((48, 48, 3), dtype=np.uint8)
+    pixels[10:22, 30:42] = (0, 255, 255)  # a cyan square, given larger than the video (it is fitted)
+    path = tmp_path / "first.png"
+    Image.fromarray(pixels).save(path)
+    result = client.predict(prompt="a cyan square moving down", image=handle_file(str(path)), threshold=0.15,
+                            seed=1, num_inference_steps=10, api_name="/compare")
+    baseline, cached, plot, summary, record, seed, peer, files, image = result
+    assert record["image"]["size"] == [32, 32] and "resized to the video's 32×32" in record["image"]["note"]
+    shown = np.asarray(Image.open(image["value"] if isinstance(image, dict) else image).convert("RGB"))
+    assert np.array_equal(shown, np.asarray(Image.fromarray(pixels).resize((32, 32), Image.Resampling.LANCZOS)))
+    assert "input.png" in {Path(f).name for f in files}
+    assert "First frame" in summary or "first frame" in summary
+    # An upload that is not an image is refused by name, and the app keeps serving.
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"just some text")
+    with pytest.raises(AppError, match="Image is not a PNG, JPEG or WebP image"):
+        client.predict(prompt="a cyan square moving down", image=handle_file(str(bad)), num_inference_steps=10,
+                       api_name="/compare")
 
 
 @pytest.mark.parametrize(
