@@ -23,6 +23,7 @@ from .presets import Preset
 CALL_ARGUMENT_NAMES = {
     "LattePipeline": {"num_frames": "video_length"},
     "LTXPipeline": {"fps": "frame_rate"},
+    "LTXImageToVideoPipeline": {"fps": "frame_rate"},
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -232,11 +233,12 @@ def get_pipeline(preset: Preset, device: str | None = None):
 
 
 def call_kwargs(preset: Preset, settings: dict) -> dict:
-    """The pipeline's keyword arguments for request settings (prompt, sizes, frames, steps, guidance), with the
-    preset's extra call arguments (`loading.call_defaults`, e.g. Wan2.2-A14B's `guidance_scale_2`), which settings
-    of the same name change."""
+    """The pipeline's keyword arguments for request settings (prompt, sizes, frames, steps, guidance, and the
+    conditioning `image` of an image-to-video request), with the preset's extra call arguments
+    (`loading.call_defaults`, e.g. Wan2.2-A14B's `guidance_scale_2`), which settings of the same name change."""
     names = CALL_ARGUMENT_NAMES.get(preset.pipeline_class or "", {})
-    keys = ["prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale"]
+    keys = ["prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
+            "image"]
     if "fps" in names:
         keys.append("fps")
     kwargs = {names.get(key, key): settings[key] for key in keys if settings.get(key) is not None}

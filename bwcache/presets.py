@@ -17,6 +17,8 @@ Schema (every key required; ``hub_id``, ``pipeline_class`` and
               {"fast": {"note": "...", "bwcache": {keys of bwcache to change}}}
               (the default profile, "default", is the bwcache section itself)
     recommended_gpu_memory_gb, notes
+    image (optional): whether the pipeline takes a conditioning image (image-to-video): "required", "optional", or
+              null (the default: text-to-video); a request's image is passed as the pipeline's `image`
     loading (optional): how the checkpoint is loaded, beyond `dtype` (`bwcache.pipelines.loading_plan`):
               component_dtypes: {component: dtype}, overriding `dtype` for named components (e.g. {"vae": "float32"})
               flow_shift: the scheduler's shift, one number or one per size class ({"480p": 3.0, "720p": 5.0}; a
@@ -52,6 +54,7 @@ from .settings import Settings, is_int as _is_int
 __all__ = [
     "CALL_DEFAULTS",
     "DTYPE_NAMES",
+    "IMAGE_MODES",
     "PRESETS_DIR",
     "SIZE_CLASSES",
     "Preset",
@@ -70,7 +73,7 @@ _TOP_KEYS = (
     "name", "label", "kind", "hub_id", "pipeline_class", "dtype",
     "defaults", "limits", "bwcache", "recommended_gpu_memory_gb", "notes",
 )
-_OPTIONAL_TOP = ("profiles", "loading", "model")
+_OPTIONAL_TOP = ("profiles", "loading", "model", "image")
 _NULLABLE_TOP = {"hub_id", "pipeline_class", "recommended_gpu_memory_gb"}
 _DEFAULT_KEYS = (
     "prompt", "negative_prompt", "height", "width", "num_frames",
@@ -87,6 +90,8 @@ SIZE_CLASSES = {"480p": (480, 832), "720p": (720, 1280)}
 CALL_DEFAULTS = ("guidance_scale_2",)
 _LOADING_KEYS = ("component_dtypes", "flow_shift", "vae_tiling", "cpu_offload", "call_defaults")
 CPU_OFFLOAD_MODES = ("model",)
+# What a preset's `image` may say: the pipeline needs a conditioning image, or may take one (null: it takes none).
+IMAGE_MODES = ("required", "optional")
 
 _RULE_RE = re.compile(r"^\s*(\d+)\s*k\s*(?:\+\s*(\d+))?\s*$")
 
@@ -154,6 +159,8 @@ class Preset:
     notes: str
     loading: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
     model: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
+    # "required" or "optional" for a pipeline that takes a conditioning image; None for text-to-video.
+    image: str | None = None
     path: Path | None = field(default=None, compare=False)
     # The cache settings its `bwcache` section and profiles were checked against, and build configs with.
     settings: Settings = field(default=CACHE_SETTINGS, compare=False, hash=False, repr=False)
@@ -178,6 +185,7 @@ class Preset:
             notes=data["notes"],
             loading=_freeze(data.get("loading", {})),
             model=_freeze(data.get("model", {})),
+            image=data.get("image"),
             path=path,
             settings=settings,
         )
@@ -415,6 +423,8 @@ def _check_schema(data: Any, source: str, settings: Settings) -> None:
         check_cache({**b, **profile["bwcache"]}, f"profiles.{name}: ")
     _check_loading(data.get("loading", {}), data, fail)
     _check_model(data.get("model", {}), fail)
+    if data.get("image") is not None and data["image"] not in IMAGE_MODES:
+        fail(f"image must be null or one of {list(IMAGE_MODES)}, got {data['image']!r}")
 
 
 _MODEL_KEYS = {"transformer_class": str, "transformer": Mapping, "experts": int, "vae_compression": (list, tuple),

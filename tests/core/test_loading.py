@@ -33,6 +33,17 @@ EXPECTED = {
                             shift=(12.0, 12.0), tiling=False, offload="model", extra={"guidance_scale_2": 3.0}),
     "wan2.2-ti2v-5b": dict(dtypes={"default": BF16, "transformer": BF16, "vae": F32}, shift=(5.0, 5.0),
                            tiling=False, offload=None, extra={}),
+    # Image-to-video: the CLIP image encoder in float32 too, as WanImageToVideoPipeline's example loads it.
+    "wan2.1-i2v-14b-480p": dict(dtypes={"default": BF16, "transformer": BF16, "text_encoder": BF16, "vae": F32,
+                                        "image_encoder": F32}, shift=(3.0, 5.0), tiling=False, offload=None, extra={}),
+    "wan2.1-i2v-14b-720p": dict(dtypes={"default": BF16, "transformer": BF16, "text_encoder": BF16, "vae": F32,
+                                        "image_encoder": F32}, shift=(3.0, 5.0), tiling=False, offload=None, extra={}),
+    "wan2.2-i2v-a14b": dict(dtypes={"default": BF16, "transformer": BF16, "transformer_2": BF16, "vae": F32},
+                            shift=(5.0, 5.0), tiling=False, offload="model", extra={"guidance_scale_2": 3.5}),
+    "wan2.2-ti2v-5b-i2v": dict(dtypes={"default": BF16, "transformer": BF16, "vae": F32}, shift=(5.0, 5.0),
+                               tiling=False, offload=None, extra={}),
+    "cogvideox-5b-i2v": dict(dtypes={"default": BF16}, shift=(None, None), tiling=True, offload=None, extra={}),
+    "ltx-video-i2v": dict(dtypes={"default": BF16}, shift=(None, None), tiling=False, offload=None, extra={}),
 }
 
 
