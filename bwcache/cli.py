@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from pathlib import Path
 from .config import CACHE_SETTINGS
 from .parallel import KINDS, close_distributed, init_distributed, is_main_process
 from .pipelines import PipelineUnavailable
+from .outputs import check_writable
 from .report import OUTPUT_FILES
 from .settings import Setting, Settings
 
@@ -40,6 +40,8 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny-shapes", help="preset name or path to a preset JSON (default: tiny-shapes)")
     parser.add_argument("--prompt", help="prompt (default: the preset's)")
     parser.add_argument("--negative-prompt", help="negative prompt (default: the preset's)")
+    parser.add_argument("--image", type=Path, help="first frame (PNG, JPEG or WebP) for presets that take one; "
+                        "fitted to the video's size")
     parser.add_argument("--seed", type=int, help="seed (default: the preset's)")
     parser.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
     parser.add_argument("--frames", type=int, dest="num_frames", help="number of frames")
@@ -103,21 +105,6 @@ def build_parser(settings: Settings = CACHE_SETTINGS) -> argparse.ArgumentParser
     return parser
 
 
-def _writable(path: Path, option: str, folder: bool) -> None:
-    """Refuse an output path that cannot be written, before any model work."""
-    if folder and path.exists() and not path.is_dir():
-        raise ValueError(f"{option} {path} is a file; give a folder.")
-    if not folder and path.is_dir():
-        raise ValueError(f"{option} {path} is a folder; give a file path.")
-    existing = path if folder and path.exists() else path.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{option} {path} cannot be created: {existing} is a file.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path} cannot be written: no write permission in {existing}.")
-
-
 def _check_device(device: str) -> None:
     import torch
 
@@ -139,9 +126,9 @@ def _preflight(args) -> None:
     """Everything checkable before any model work: output paths, the device, and the settings against the preset's
     allowed ranges (the same checks as the app's)."""
     if args.json:
-        _writable(args.json, "--json", folder=False)
+        check_writable(args.json, "--json", folder=False)
     if args.out_dir:
-        _writable(args.out_dir, "--out-dir", folder=True)
+        check_writable(args.out_dir, "--out-dir", folder=True)
     if args.device:
         _check_device(args.device)
     from .runner import resolve_preset
@@ -220,7 +207,7 @@ def _plan(args) -> int:
         print(plan.text())
         if plan.refusal():
             print(plan.refusal())
-    return 0
+    return 1 if plan.fits is False else 0
 
 
 class ProgressLines:

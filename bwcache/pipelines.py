@@ -237,11 +237,12 @@ def call_kwargs(preset: Preset, settings: dict) -> dict:
     conditioning `image` of an image-to-video request), with the preset's extra call arguments
     (`loading.call_defaults`, e.g. Wan2.2-A14B's `guidance_scale_2`), which settings of the same name change."""
     names = CALL_ARGUMENT_NAMES.get(preset.pipeline_class or "", {})
-    keys = ["prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
-            "image"]
+    keys = ["prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale"]
     if "fps" in names:
         keys.append("fps")
     kwargs = {names.get(key, key): settings[key] for key in keys if settings.get(key) is not None}
+    if settings.get("image") is not None:
+        kwargs["image"] = settings["image"]
     for key, value in preset.call_defaults().items():
         kwargs[key] = settings[key] if settings.get(key) is not None else value
     return kwargs
