@@ -4,7 +4,9 @@ A preset's checkpoint loads as its `dtype` and `loading` section say (`bwcache.p
 into data: the `from_pretrained` keyword arguments (one dtype, or one per component, passed to `from_pretrained` so
 that the modules a model keeps in float32, its `_keep_in_fp32_modules`, stay so: the pipeline is never cast whole
 afterwards) and the steps after loading (VAE tiling, model CPU offload or `.to(device)`, the scheduler's shift per
-video size). `build_pipeline` carries a plan out; `load_pipeline` and `get_pipeline` do both.
+video size). `build_pipeline` carries a plan out; `load_pipeline` and `get_pipeline` do both. A checkpoint that
+takes an optional image through another pipeline class gets that class for a request with an image
+(`pipeline_for`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class LoadingPlan:
     vae_tiling: bool = False
     cpu_offload: str | None = None  # "model": `enable_model_cpu_offload` instead of `.to(device)`
     default_size: tuple[int, int] = (0, 0)  # (height, width) a call that names no size gets the shift of
+    # The pipeline class a request with an image runs, built on the loaded pipeline's components (`pipeline_for`).
+    image_pipeline_class: str | None = None
 
     def dtype_of(self, component: str) -> torch.dtype:
         """The dtype `from_pretrained` loads `component` in."""
@@ -83,6 +87,8 @@ class LoadingPlan:
             steps.append("pipe.vae.enable_tiling()")
         steps.append(f"pipe.enable_model_cpu_offload(device={self.device!r})" if self.cpu_offload == "model"
                      else f"pipe.to({self.device!r})")
+        if self.image_pipeline_class is not None:
+            steps.append(f"given an image: {self.image_pipeline_class}.from_pipe(pipe)")
         return steps
 
 
@@ -108,6 +114,7 @@ def loading_plan(preset: Preset, device: str) -> LoadingPlan:
         vae_tiling=bool(loading.get("vae_tiling", False)),
         cpu_offload=loading.get("cpu_offload"),
         default_size=(preset.defaults["height"], preset.defaults["width"]),
+        image_pipeline_class=loading.get("image_pipeline_class"),
     )
 
 
@@ -115,9 +122,10 @@ def build_pipeline(plan: LoadingPlan, preset: Preset | None = None):
     """Carry out a loading plan: `from_pretrained`, then the steps after it. `preset` names the model in errors."""
     import diffusers
 
-    pipeline_class = getattr(diffusers, plan.pipeline_class, None)
-    if pipeline_class is None:
-        raise PipelineUnavailable(f"diffusers {diffusers.__version__} has no {plan.pipeline_class}.")
+    for name in (plan.pipeline_class, plan.image_pipeline_class):
+        if name is not None and getattr(diffusers, name, None) is None:
+            raise PipelineUnavailable(f"diffusers {diffusers.__version__} has no {name}.")
+    pipeline_class = getattr(diffusers, plan.pipeline_class)
     try:
         pipe = pipeline_class.from_pretrained(plan.source, **plan.from_pretrained)
     except (OSError, ValueError, ImportError) as error:
@@ -182,6 +190,26 @@ def prepare_call(pipe, preset: Preset, settings: dict) -> dict:
         default_size = (preset.defaults["height"], preset.defaults["width"])
         set_flow_shift(pipe, flow_shift_for(shift, settings.get("height"), settings.get("width"), default_size))
     return call_kwargs(preset, settings)
+
+
+def pipeline_for(pipe, preset: Preset, settings: dict):
+    """The pipeline that runs a request: `pipe`, or, where the request gives an image and the preset's checkpoint
+    takes it through another pipeline class (`loading.image_pipeline_class`: Wan2.2 TI2V-5B's
+    WanImageToVideoPipeline beside its WanPipeline, LTX-Video's LTXImageToVideoPipeline beside its LTXPipeline), that
+    class on `pipe`'s components (`from_pipe`: the same modules and scheduler, nothing loaded or copied) and config
+    (TI2V's `expand_timesteps`). Apply BWCache to the pipeline this returns, the one that is called."""
+    name = preset.loading.get("image_pipeline_class")
+    if settings.get("image") is None or name is None or type(pipe).__name__ == name:
+        return pipe
+    import diffusers
+
+    image_class = getattr(diffusers, name, None)
+    if image_class is None:
+        raise PipelineUnavailable(f"diffusers {diffusers.__version__} has no {name}, which {preset.label} takes "
+                                  "an image with.")
+    image_pipe = image_class.from_pipe(pipe)
+    image_pipe.set_progress_bar_config(disable=True)
+    return image_pipe
 
 
 def load_pipeline(preset: Preset, device: str | None = None):

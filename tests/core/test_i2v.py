@@ -5,15 +5,19 @@ tokens'; and the image-to-video presets."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from diffusers import WanPipeline
 
 import bwcache
 from bwcache import BWCacheConfig, apply_bwcache
-from bwcache.pipelines import call_kwargs
+from bwcache.pipelines import call_kwargs, loading_plan, pipeline_for
 from bwcache.plan import preset_shape
 from bwcache.presets import Preset, list_presets, load_preset
-from testing_utils.tiny_pipelines import I2V_PIPELINES, conditioning_image, generate_i2v
+from bwcache.runner import run_comparison
+from testing_utils.tiny_pipelines import I2V_PIPELINES, PIPELINES, conditioning_image, generate_i2v
+from testing_utils.tiny_wan import build_wan22_ti2v_pipeline, tiny_text_encoder
 
 NAMES = sorted(I2V_PIPELINES)
 # Reuse every other step from step 2 on, in every branch.
@@ -210,24 +214,89 @@ def test_the_modulated_indicator_knows_hunyuanvideo_i2v_token_replace_blocks(pip
 
 # ----------------------------------------------------------------------------- presets
 
+# Checkpoints made for image-to-video: their pipeline needs an image.
 I2V_PRESETS = {
     "wan2.1-i2v-14b-480p": "WanImageToVideoPipeline",
     "wan2.1-i2v-14b-720p": "WanImageToVideoPipeline",
     "wan2.2-i2v-a14b": "WanImageToVideoPipeline",
-    "wan2.2-ti2v-5b-i2v": "WanImageToVideoPipeline",
     "cogvideox-5b-i2v": "CogVideoXImageToVideoPipeline",
-    "ltx-video-i2v": "LTXImageToVideoPipeline",
+}
+# Checkpoints that make a video from text, or from text and a first frame (one preset per checkpoint): without an
+# image their pipeline_class runs, with one the image pipeline on the same components.
+OPTIONAL_IMAGE_PRESETS = {
+    "wan2.2-ti2v-5b": ("WanPipeline", "WanImageToVideoPipeline"),
+    "ltx-video": ("LTXPipeline", "LTXImageToVideoPipeline"),
 }
 
 
 def test_the_image_to_video_presets_say_they_take_an_image_and_the_others_none():
     for preset in list_presets():
-        assert preset.image == ("required" if preset.name in I2V_PRESETS else None), preset.name
+        expected = ("required" if preset.name in I2V_PRESETS
+                    else "optional" if preset.name in OPTIONAL_IMAGE_PRESETS else None)
+        assert preset.image == expected, preset.name
         assert (preset.name in I2V_PRESETS) == (preset.pipeline_class in I2V_PRESETS.values())
+        image_class = preset.loading.get("image_pipeline_class")
+        assert (image_class is None) == (preset.name not in OPTIONAL_IMAGE_PRESETS), preset.name
+    for name, classes in OPTIONAL_IMAGE_PRESETS.items():
+        preset = load_preset(name)
+        assert (preset.pipeline_class, preset.loading["image_pipeline_class"]) == classes
+        assert loading_plan(preset, "cpu").image_pipeline_class == classes[1]
+
+
+def test_an_image_pipeline_class_is_only_for_an_optional_image_and_must_name_a_pipeline():
+    data = load_preset("wan2.2-ti2v-5b").to_dict()
+    with pytest.raises(ValueError, match=r"test.json: loading.image_pipeline_class must name a diffusers pipeline "
+                                         r"class \(such as 'WanImageToVideoPipeline'\), got 'wan'"):
+        Preset.from_dict({**data, "loading": {**data["loading"], "image_pipeline_class": "wan"}}, source="test.json")
+    for image in ("required", None):
+        with pytest.raises(ValueError, match=rf"loading.image_pipeline_class is for presets whose image is "
+                                             rf"\"optional\".*this preset's image is {image!r}"):
+            Preset.from_dict({**data, "image": image}, source="test.json")
+
+
+@pytest.mark.parametrize("name, build", [("wan2.2-ti2v-5b", "ti2v"), ("ltx-video", "ltx_video")])
+def test_an_optional_image_runs_the_checkpoints_image_pipeline_on_the_same_components(name, build):
+    preset = load_preset(name)
+    pipe = build_wan22_ti2v_pipeline(num_layers=1) if build == "ti2v" else PIPELINES[build]()
+    assert pipeline_for(pipe, preset, {"image": None}) is pipe
+    assert pipeline_for(pipe, load_preset("wan2.1-t2v-1.3b"), {"image": conditioning_image(32)}) is pipe
+    image_pipe = pipeline_for(pipe, preset, {"image": conditioning_image(32)})
+    assert type(image_pipe).__name__ == preset.loading["image_pipeline_class"]
+    for component in ("transformer", "vae", "scheduler"):
+        assert getattr(image_pipe, component) is getattr(pipe, component)
+    if build == "ti2v":
+        assert image_pipe.config.expand_timesteps  # the conditioning frame's tokens at timestep 0
+    assert pipeline_for(image_pipe, preset, {"image": conditioning_image(32)}) is image_pipe
+
+
+def test_a_comparison_with_a_first_frame_runs_ti2v_through_its_image_pipeline():
+    """python -m bwcache compare --preset wan2.2-ti2v-5b --image PATH, on a tiny checkpoint: the image reaches the
+    pipeline, both videos are compared with it, and the cached run reuses."""
+    data = load_preset("wan2.2-ti2v-5b").to_dict()
+    data["defaults"].update(height=64, width=64, num_frames=5, num_inference_steps=6, negative_prompt="")
+    data["limits"].update(height=[32, 64, 32], width=[32, 64, 32], num_frames=[5, 9, "4k+1"],
+                          num_inference_steps=[2, 12])
+    preset = Preset.from_dict(data, source="small wan2.2-ti2v-5b")
+    base = build_wan22_ti2v_pipeline(num_layers=1)
+    tokenizer, encoder = tiny_text_encoder()
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=base.transformer, vae=base.vae,
+                       scheduler=base.scheduler, expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = conditioning_image(64)
+    with_image = run_comparison(preset, prompt="a cat", pipe=pipe, device="cpu", image=image, threshold=10.0,
+                                reuse_interval=1)
+    record = with_image.record
+    assert record["image"]["size"] == [64, 64]
+    assert set(record["image"]["first_frame_psnr"]) == {"uncached", "bwcache"}
+    assert record["reuse_fraction"] > 0 and record["warmup_identical"]
+    text_only = run_comparison(preset, prompt="a cat", pipe=pipe, device="cpu", threshold=0.0)
+    assert text_only.record["image"] is None
+    assert not np.array_equal(text_only.baseline_frames, with_image.baseline_frames)
+    assert np.array_equal(text_only.baseline_frames, text_only.bwcache_frames)
 
 
 def test_an_image_field_other_than_required_optional_or_null_is_refused():
-    data = load_preset("ltx-video-i2v").to_dict()
+    data = load_preset("cogvideox-5b-i2v").to_dict()
     assert Preset.from_dict({**data, "image": "optional"}).image == "optional"
     assert Preset.from_dict({key: value for key, value in data.items() if key != "image"}).image is None
     with pytest.raises(ValueError, match=r"test.json: image must be null or one of \['required', 'optional'\], "
@@ -240,7 +309,7 @@ def test_a_request_with_an_image_passes_it_to_the_pipeline():
     image = conditioning_image(32)
     settings = {"prompt": "a cat", "height": 512, "width": 704, "num_frames": 161, "num_inference_steps": 50,
                 "guidance_scale": 3.0, "fps": 25}
-    ltx = load_preset("ltx-video-i2v")
+    ltx = load_preset("ltx-video")
     assert call_kwargs(ltx, {**settings, "image": image})["image"] is image
     assert call_kwargs(ltx, settings)["frame_rate"] == 25 and "image" not in call_kwargs(ltx, settings)
     assert call_kwargs(load_preset("wan2.2-i2v-a14b"), {**settings, "image": image})["guidance_scale_2"] == 3.5
@@ -258,7 +327,5 @@ def test_the_presets_describe_what_the_image_adds_to_the_model():
         assert 16e9 < weights["transformer"]["parameters"] < 17e9  # the image tokens' key/value projections
     assert load_preset("wan2.2-i2v-a14b").model["transformer"]["in_channels"] == 36
     assert "image_dim" not in load_preset("wan2.2-i2v-a14b").model["transformer"]  # no image encoder
-    # CogVideoX-5B-I2V: the image latent on channels; TI2V and LTX: the image replaces the first latent frame.
+    # CogVideoX-5B-I2V: the image latent on channels (TI2V and LTX put it in the first latent frame: no new shape).
     assert load_preset("cogvideox-5b-i2v").model["transformer"]["in_channels"] == 2 * 16
-    for i2v, t2v in (("wan2.2-ti2v-5b-i2v", "wan2.2-ti2v-5b"), ("ltx-video-i2v", "ltx-video")):
-        assert load_preset(i2v).model == load_preset(t2v).model

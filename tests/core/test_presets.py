@@ -25,9 +25,7 @@ MODEL_PRESETS = {
     "wan2.1-i2v-14b-480p": ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "WanImageToVideoPipeline"),
     "wan2.1-i2v-14b-720p": ("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", "WanImageToVideoPipeline"),
     "wan2.2-i2v-a14b": ("Wan-AI/Wan2.2-I2V-A14B-Diffusers", "WanImageToVideoPipeline"),
-    "wan2.2-ti2v-5b-i2v": ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "WanImageToVideoPipeline"),
     "cogvideox-5b-i2v": ("THUDM/CogVideoX-5b-I2V", "CogVideoXImageToVideoPipeline"),
-    "ltx-video-i2v": ("Lightricks/LTX-Video", "LTXImageToVideoPipeline"),
 }
 
 
@@ -93,7 +91,7 @@ def test_frame_rules_match_the_models():
               "hunyuanvideo": "4k+1",
               "cogvideox-2b": "8k+1", "cogvideox-5b": "8k+1", "ltx-video": "8k+1",
               "wan2.1-i2v-14b-480p": "4k+1", "wan2.1-i2v-14b-720p": "4k+1", "wan2.2-i2v-a14b": "4k+1",
-              "wan2.2-ti2v-5b-i2v": "4k+1", "cogvideox-5b-i2v": "8k+1", "ltx-video-i2v": "8k+1"}
+              "cogvideox-5b-i2v": "8k+1"}
     for name, rule in expect.items():
         assert load_preset(name).limits["num_frames"][2] == rule
     assert frames_rule_ok(81, "4k+1") and not frames_rule_ok(80, "4k+1")

@@ -452,8 +452,9 @@ def generate(
 #   Calls "cond", then "uncond".
 # * wan22_i2v (WanImageToVideoPipeline, Wan2.2 I2V A14B): the extra channels only (no image encoder); two experts
 #   split at boundary_ratio 0.9. "cond", then "uncond", on the step's expert.
-# * wan22_ti2v_i2v (WanImageToVideoPipeline with expand_timesteps, Wan2.2 TI2V-5B): the image's latents are the first
-#   latent frame, whose tokens get timestep 0 (one timestep per token) and are put back after every step.
+# * wan22_ti2v_i2v (WanImageToVideoPipeline with expand_timesteps, Wan2.2 TI2V-5B, built from its WanPipeline as the
+#   preset does): the image's latents are the first latent frame, whose tokens get timestep 0 (one timestep per
+#   token) and are put back after every step.
 #   "cond", then "uncond".
 # * cogvideox_i2v (CogVideoXImageToVideoPipeline, CogVideoX-5B-I2V): the image latent (then zero frames) as extra
 #   channels; learned positional embeddings (fixed to the sample size) and RoPE. One "cond_uncond" call, batch 2.
@@ -545,8 +546,9 @@ _TI2V_CHANNELS = 48
 
 
 def _build_wan22_ti2v_i2v() -> WanImageToVideoPipeline:
-    """Wan2.2 TI2V-5B given an image: WanImageToVideoPipeline with expand_timesteps (as the checkpoint's config sets
-    it), 48 latent channels and the Wan2.2 VAE (16x spatial; diffusers' own Wan2.2-5B test VAE config)."""
+    """Wan2.2 TI2V-5B given an image, as the wan2.2-ti2v-5b preset runs it: the checkpoint's WanPipeline (with
+    expand_timesteps, 48 latent channels and the Wan2.2 VAE: 16x spatial, diffusers' own Wan2.2-5B test VAE config)
+    turned into WanImageToVideoPipeline on the same components (`bwcache.pipelines.pipeline_for`: `from_pipe`)."""
     vae = _vae(
         AutoencoderKLWan, base_dim=3, z_dim=_TI2V_CHANNELS, in_channels=12, out_channels=12, is_residual=True,
         patch_size=2, latents_mean=[0.0] * _TI2V_CHANNELS, latents_std=[1.0] * _TI2V_CHANNELS, dim_mult=[1, 1, 1, 1],
@@ -555,10 +557,11 @@ def _build_wan22_ti2v_i2v() -> WanImageToVideoPipeline:
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0
     )
-    pipe = WanImageToVideoPipeline(
+    text_to_video = WanPipeline(
         tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, expand_timesteps=True,
         transformer=_wan_i2v_transformer(BUILD_SEED, _TI2V_CHANNELS, _TI2V_CHANNELS),
     )
+    pipe = WanImageToVideoPipeline.from_pipe(text_to_video)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -582,9 +585,9 @@ def _build_cogvideox_i2v() -> CogVideoXImageToVideoPipeline:
 
 
 def _build_ltx_i2v() -> LTXImageToVideoPipeline:
-    base = _build_ltx_video()
-    pipe = LTXImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=base.vae, transformer=base.transformer,
-                                   scheduler=base.scheduler)
+    """LTX-Video given an image, as the ltx-video preset runs it: LTXImageToVideoPipeline on the text-to-video
+    pipeline's components (`from_pipe`)."""
+    pipe = LTXImageToVideoPipeline.from_pipe(_build_ltx_video())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
