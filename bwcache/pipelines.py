@@ -87,8 +87,6 @@ class LoadingPlan:
             steps.append("pipe.vae.enable_tiling()")
         steps.append(f"pipe.enable_model_cpu_offload(device={self.device!r})" if self.cpu_offload == "model"
                      else f"pipe.to({self.device!r})")
-        if self.image_pipeline_class is not None:
-            steps.append(f"given an image: {self.image_pipeline_class}.from_pipe(pipe)")
         return steps
 
 

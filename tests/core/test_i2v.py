@@ -13,11 +13,14 @@ from diffusers import WanPipeline
 import bwcache
 from bwcache import BWCacheConfig, apply_bwcache
 from bwcache.pipelines import call_kwargs, loading_plan, pipeline_for
-from bwcache.plan import preset_shape
+from bwcache.plan import preset_shape, recommended_gpu_memory_gb
 from bwcache.presets import Preset, list_presets, load_preset
 from bwcache.runner import run_comparison
 from testing_utils.tiny_pipelines import I2V_PIPELINES, PIPELINES, conditioning_image, generate_i2v
 from testing_utils.tiny_wan import build_wan22_ti2v_pipeline, tiny_text_encoder
+
+# Short runs keep the tests fast; the library's few-step notes (bwcache.guardrails) are tested where they are made.
+pytestmark = pytest.mark.filterwarnings("ignore:.*few-step run:UserWarning", "ignore:with \\d+ steps:UserWarning")
 
 NAMES = sorted(I2V_PIPELINES)
 # Reuse every other step from step 2 on, in every branch.
@@ -329,3 +332,13 @@ def test_the_presets_describe_what_the_image_adds_to_the_model():
     assert "image_dim" not in load_preset("wan2.2-i2v-a14b").model["transformer"]  # no image encoder
     # CogVideoX-5B-I2V: the image latent on channels (TI2V and LTX put it in the first latent frame: no new shape).
     assert load_preset("cogvideox-5b-i2v").model["transformer"]["in_channels"] == 2 * 16
+
+
+@pytest.mark.parametrize("name", [*I2V_PRESETS, *OPTIONAL_IMAGE_PRESETS])
+def test_the_memory_plan_of_an_image_preset_needs_no_image_and_fits_its_recommended_gpu(name, capsys):
+    from bwcache.cli import main
+
+    assert main(["plan", "--preset", name, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] is True
+    assert load_preset(name).recommended_gpu_memory_gb == recommended_gpu_memory_gb(load_preset(name))
