@@ -47,6 +47,13 @@ MODULATED_INPUTS = {
     ("diffusers.models.transformers.cogvideox_transformer_3d", "CogVideoXBlock"): ("attn1", None),
     ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoTransformerBlock"): ("attn", None),
     ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoSingleTransformerBlock"): ("attn", None),
+    # HunyuanVideo-I2V's (image_condition_type "token_replace"): the first frame's tokens modulated at timestep 0.
+    ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoTokenReplaceTransformerBlock"): (
+        "attn", None
+    ),
+    ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoTokenReplaceSingleTransformerBlock"): (
+        "attn", None
+    ),
     ("diffusers.models.transformers.transformer_ltx", "LTXVideoTransformerBlock"): ("attn1", None),
     ("diffusers.models.transformers.transformer_mochi", "MochiTransformerBlock"): ("attn1", None),
     ("diffusers.models.transformers.transformer_allegro", "AllegroTransformerBlock"): ("attn1", None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -201,6 +202,9 @@ def _plan(args) -> int:
     if args.gpu_memory_gb is not None and not args.gpu_memory_gb > 0:
         raise ValueError(f"--gpu-memory-gb must be a number of GB > 0, got {args.gpu_memory_gb!r}.")
     preset = resolve_preset(args.preset)
+    if preset.image == "required":
+        # The plan is the same with any first frame (its shapes are the video's): checked without one.
+        preset = dataclasses.replace(preset, image="optional")
     request = check_request(preset, **{name: getattr(args, name) for name in request_fields(preset) if hasattr(args, name)})
     plan = plan_memory(preset, request_config(preset, request), resolved_settings(preset, request), args.gpu_memory_gb)
     if args.json:

@@ -17,6 +17,11 @@ transformer alone, they come from the context's `step_index` and `num_inference_
 `BWCacheConfig.num_inference_steps` and counting calls per branch, and a call whose timestep is above its branch's
 previous one starts a new generation (an equal one is a second-order scheduler's second call at that timestep).
 
+Branches. A call inside a cache context runs in the branch the context names. A call outside any runs in branch
+`default`; under a pipeline clock, the second call of a step outside any context (the negative prompt's, where a
+pipeline runs classifier-free guidance as two calls without contexts) runs in `default_2`, and so on, so each keeps
+its own state and schedule.
+
 Timesteps. With a pipeline clock the host already has every timestep (the scheduler's list, read once per
 generation), so a call reads none from the device. A timestep tensor is read as its largest value: the noise level of
 the tokens being denoised, where a pipeline gives a conditioning frame's tokens timestep 0 (Wan2.2 TI2V, LTX I2V).
@@ -47,6 +52,10 @@ class PipelineClock:
         self._calls: dict[str, int] = {}
         # The cache hook of each expert, by component name.
         self.hooks: dict[str, object] = {}
+        # The step of the last call made outside any cache context (the pipeline's `_current_timestep` then), and
+        # how many such calls that step has had.
+        self._step_marker = None
+        self._calls_outside = 0
 
     @property
     def pipeline(self):
@@ -62,6 +71,7 @@ class PipelineClock:
         self._timesteps = timesteps
         self.generation += 1
         self._calls = {}
+        self._step_marker, self._calls_outside = None, 0
         begin = getattr(scheduler, "begin_index", None) or 0
         values = [float(t) for t in torch.as_tensor(timesteps).flatten()[begin:].tolist()]
         self.timesteps = values
@@ -75,6 +85,22 @@ class PipelineClock:
         step = self._calls.get(branch, 0)
         self._calls[branch] = step + 1
         return step
+
+    def order_outside_context(self) -> int:
+        """The order (1, 2, …) of a call made outside any cache context among those of its denoising step.
+
+        Pipelines that run classifier-free guidance as two transformer calls without cache contexts (HunyuanVideo
+        I2V and Framepack with `true_cfg_scale` > 1) make them in the same order at every step. A step is told by the
+        pipeline's `_current_timestep`, which diffusers pipelines set once per step to the loop's timestep (a new
+        object each step); where a pipeline sets none, every call is the first."""
+        self.refresh()
+        marker = getattr(self.pipeline, "_current_timestep", None)
+        if marker is None:
+            return 1
+        if marker is not self._step_marker:
+            self._step_marker, self._calls_outside = marker, 0
+        self._calls_outside += 1
+        return self._calls_outside
 
     def release_finished(self, hook) -> None:
         """When an expert's steps begin, the experts whose steps are over free what they cached."""

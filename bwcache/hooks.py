@@ -23,7 +23,8 @@ residuals, features and the input a chain of several blocks holds while it runs 
 model's dtype; reused outputs keep the model's dtype. `trace.held_bytes_peak` records the most the cache held.
 Under context parallelism residuals and features stay sharded.
 
-State is kept per branch (cache-context name). A call that raises drops all state: the next call starts afresh.
+State is kept per branch (cache-context name; `bwcache.clock` names the calls made outside any). A call that
+raises drops all state: the next call starts afresh.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ class BWCacheHook(ModelHook):
         self.active = self.active_branch = None
         self._own_context = self.state_manager._context is None
         if self._own_context:
-            self.state_manager.set_context(CacheContext(DEFAULT_BRANCH))
+            self.state_manager.set_context(CacheContext(self._branch_outside_context()))
         try:
             self.distances.start_call(args, kwargs, self.policy.measures)
             if self.clock is not None:
@@ -284,6 +285,12 @@ class BWCacheHook(ModelHook):
             self._leave_context()
             raise
         self.active, self.active_branch = state, context.name
+
+    def _branch_outside_context(self) -> str:
+        """The branch of a call made outside any cache context: `default`, and under a pipeline clock `default_2`,
+        … for a step's later calls (`PipelineClock.order_outside_context`)."""
+        order = self.clock.order_outside_context() if self.clock is not None else 1
+        return DEFAULT_BRANCH if order == 1 else f"{DEFAULT_BRANCH}_{order}"
 
     @torch.compiler.disable
     def call_end(self, module, args, kwargs, output) -> None:

@@ -4,7 +4,9 @@ A preset's checkpoint loads as its `dtype` and `loading` section say (`bwcache.p
 into data: the `from_pretrained` keyword arguments (one dtype, or one per component, passed to `from_pretrained` so
 that the modules a model keeps in float32, its `_keep_in_fp32_modules`, stay so: the pipeline is never cast whole
 afterwards) and the steps after loading (VAE tiling, model CPU offload or `.to(device)`, the scheduler's shift per
-video size). `build_pipeline` carries a plan out; `load_pipeline` and `get_pipeline` do both.
+video size). `build_pipeline` carries a plan out; `load_pipeline` and `get_pipeline` do both. A checkpoint that
+takes an optional image through another pipeline class gets that class for a request with an image
+(`pipeline_for`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .presets import Preset
 CALL_ARGUMENT_NAMES = {
     "LattePipeline": {"num_frames": "video_length"},
     "LTXPipeline": {"fps": "frame_rate"},
+    "LTXImageToVideoPipeline": {"fps": "frame_rate"},
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,6 +68,8 @@ class LoadingPlan:
     vae_tiling: bool = False
     cpu_offload: str | None = None  # "model": `enable_model_cpu_offload` instead of `.to(device)`
     default_size: tuple[int, int] = (0, 0)  # (height, width) a call that names no size gets the shift of
+    # The pipeline class a request with an image runs, built on the loaded pipeline's components (`pipeline_for`).
+    image_pipeline_class: str | None = None
 
     def dtype_of(self, component: str) -> torch.dtype:
         """The dtype `from_pretrained` loads `component` in."""
@@ -107,6 +112,7 @@ def loading_plan(preset: Preset, device: str) -> LoadingPlan:
         vae_tiling=bool(loading.get("vae_tiling", False)),
         cpu_offload=loading.get("cpu_offload"),
         default_size=(preset.defaults["height"], preset.defaults["width"]),
+        image_pipeline_class=loading.get("image_pipeline_class"),
     )
 
 
@@ -114,9 +120,10 @@ def build_pipeline(plan: LoadingPlan, preset: Preset | None = None):
     """Carry out a loading plan: `from_pretrained`, then the steps after it. `preset` names the model in errors."""
     import diffusers
 
-    pipeline_class = getattr(diffusers, plan.pipeline_class, None)
-    if pipeline_class is None:
-        raise PipelineUnavailable(f"diffusers {diffusers.__version__} has no {plan.pipeline_class}.")
+    for name in (plan.pipeline_class, plan.image_pipeline_class):
+        if name is not None and getattr(diffusers, name, None) is None:
+            raise PipelineUnavailable(f"diffusers {diffusers.__version__} has no {name}.")
+    pipeline_class = getattr(diffusers, plan.pipeline_class)
     try:
         pipe = pipeline_class.from_pretrained(plan.source, **plan.from_pretrained)
     except (OSError, ValueError, ImportError) as error:
@@ -183,6 +190,26 @@ def prepare_call(pipe, preset: Preset, settings: dict) -> dict:
     return call_kwargs(preset, settings)
 
 
+def pipeline_for(pipe, preset: Preset, settings: dict):
+    """The pipeline that runs a request: `pipe`, or, where the request gives an image and the preset's checkpoint
+    takes it through another pipeline class (`loading.image_pipeline_class`: Wan2.2 TI2V-5B's
+    WanImageToVideoPipeline beside its WanPipeline, LTX-Video's LTXImageToVideoPipeline beside its LTXPipeline), that
+    class on `pipe`'s components (`from_pipe`: the same modules and scheduler, nothing loaded or copied) and config
+    (TI2V's `expand_timesteps`). Apply BWCache to the pipeline this returns, the one that is called."""
+    name = preset.loading.get("image_pipeline_class")
+    if settings.get("image") is None or name is None or type(pipe).__name__ == name:
+        return pipe
+    import diffusers
+
+    image_class = getattr(diffusers, name, None)
+    if image_class is None:
+        raise PipelineUnavailable(f"diffusers {diffusers.__version__} has no {name}, which {preset.label} takes "
+                                  "an image with.")
+    image_pipe = image_class.from_pipe(pipe)
+    image_pipe.set_progress_bar_config(disable=True)
+    return image_pipe
+
+
 def load_pipeline(preset: Preset, device: str | None = None):
     """Build the preset's pipeline on `device` (default: CUDA when available), progress bars off."""
     device = device or default_device()
@@ -232,9 +259,9 @@ def get_pipeline(preset: Preset, device: str | None = None):
 
 
 def call_kwargs(preset: Preset, settings: dict) -> dict:
-    """The pipeline's keyword arguments for request settings (prompt, sizes, frames, steps, guidance), with the
-    preset's extra call arguments (`loading.call_defaults`, e.g. Wan2.2-A14B's `guidance_scale_2`), which settings
-    of the same name change."""
+    """The pipeline's keyword arguments for request settings (prompt, sizes, frames, steps, guidance, and the
+    conditioning `image` of an image-to-video request), with the preset's extra call arguments
+    (`loading.call_defaults`, e.g. Wan2.2-A14B's `guidance_scale_2`), which settings of the same name change."""
     names = CALL_ARGUMENT_NAMES.get(preset.pipeline_class or "", {})
     keys = ["prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale"]
     if "fps" in names:

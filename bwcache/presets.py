@@ -25,6 +25,9 @@ Schema (every key required; ``hub_id``, ``pipeline_class`` and
               cpu_offload: "model" to load with `pipe.enable_model_cpu_offload()` (one model on the GPU at a time)
               call_defaults: extra pipeline call arguments (`CALL_DEFAULTS`: guidance_scale_2, the low-noise
                           expert's guidance of two-expert pipelines), which a request may change
+              image_pipeline_class: where `image` is "optional", the diffusers pipeline class that takes the
+                          image when a request gives one, built on the loaded pipeline's components (`from_pipe`;
+                          Wan2.2 TI2V-5B: WanImageToVideoPipeline beside its WanPipeline)
     image (optional): "required" for image-to-video, "optional" where a first frame may be given, null otherwise
     model (optional; every diffusers preset has one): the model's shape, for the memory plan (`bwcache.plan`):
               transformer_class and transformer (the diffusers class and its config, built on the meta device),
@@ -88,7 +91,8 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 SIZE_CLASSES = {"480p": (480, 832), "720p": (720, 1280)}
 # Pipeline call arguments beyond the request's settings that `loading.call_defaults` may set.
 CALL_DEFAULTS = ("guidance_scale_2",)
-_LOADING_KEYS = ("component_dtypes", "flow_shift", "vae_tiling", "cpu_offload", "call_defaults")
+_LOADING_KEYS = ("component_dtypes", "flow_shift", "vae_tiling", "cpu_offload", "call_defaults",
+                 "image_pipeline_class")
 CPU_OFFLOAD_MODES = ("model",)
 
 _RULE_RE = re.compile(r"^\s*(\d+)\s*k\s*(?:\+\s*(\d+))?\s*$")
@@ -498,6 +502,14 @@ def _check_loading(loading: Any, data: Mapping, fail) -> None:
         if not _is_number(value) or not lo <= value <= hi:
             fail(f"loading.call_defaults.guidance_scale_2 must be a number from {lo} to {hi} "
                  f"(limits.guidance_scale), got {value!r}")
+    image_class = loading.get("image_pipeline_class")
+    if image_class is not None:
+        if not isinstance(image_class, str) or not re.fullmatch(r"[A-Z][A-Za-z0-9]*Pipeline", image_class):
+            fail(f"loading.image_pipeline_class must name a diffusers pipeline class (such as "
+                 f"'WanImageToVideoPipeline'), got {image_class!r}")
+        if data.get("image") != "optional":
+            fail("loading.image_pipeline_class is for presets whose image is \"optional\" (the pipeline_class "
+                 f"runs without one); this preset's image is {data.get('image')!r}")
 
 
 def _read(path: Path, settings: Settings = CACHE_SETTINGS) -> Preset:

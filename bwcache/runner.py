@@ -26,7 +26,7 @@ from .guardrails import schedule_warnings
 from .images import as_frame, fit_image, read_image
 from .metrics import compare_videos, psnr
 from .policies import distance_map_config
-from .pipelines import default_device, prepare_call, device_name, get_pipeline
+from .pipelines import default_device, prepare_call, device_name, get_pipeline, pipeline_for
 from .presets import DEFAULT_PROFILE, Preset, load_preset
 from .resources import package_version
 from .settings import short_repr
@@ -243,7 +243,7 @@ def run_comparison(
         if compare_with is not None:
             raise ValueError(PEERS_UNDER_CONTEXT_PARALLEL)
     device = device or default_device()
-    pipe = pipe if pipe is not None else get_pipeline(preset, device)
+    pipe = pipeline_for(pipe if pipe is not None else get_pipeline(preset, device), preset, settings)
     check_prompt(pipe, preset, settings)
     if context_parallel is not None:
         parallel.ensure_context_parallel(pipe, context_parallel)
@@ -372,7 +372,7 @@ def run_sweep(
     thresholds = [float(t) for t in thresholds]
     configs = [dataclasses.replace(base, threshold=delta) for delta in thresholds]
     device = device or default_device()
-    pipe = pipe if pipe is not None else get_pipeline(preset, device)
+    pipe = pipeline_for(pipe if pipe is not None else get_pipeline(preset, device), preset, settings)
     check_prompt(pipe, preset, settings)
 
     names = ["warm-up", "uncached"] + [f"δ={t:g}" for t in thresholds]

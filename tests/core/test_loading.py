@@ -12,7 +12,7 @@ from bwcache import pipelines
 from bwcache.pipelines import build_pipeline, call_kwargs, loading_plan
 from bwcache.presets import PRESETS_DIR, Preset, load_preset, preset_names
 from bwcache.runner import run_comparison
-from testing_utils.tiny_wan import TEXT_DIM, build_wan_pipeline, small_preset
+from testing_utils.tiny_wan import TEXT_DIM, build_wan_pipeline, small_preset, tiny_text_encoder
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -33,6 +33,14 @@ EXPECTED = {
                             shift=(12.0, 12.0), tiling=False, offload="model", extra={"guidance_scale_2": 3.0}),
     "wan2.2-ti2v-5b": dict(dtypes={"default": BF16, "transformer": BF16, "vae": F32}, shift=(5.0, 5.0),
                            tiling=False, offload=None, extra={}),
+    # Image-to-video: the CLIP image encoder in float32 too, as WanImageToVideoPipeline's example loads it.
+    "wan2.1-i2v-14b-480p": dict(dtypes={"default": BF16, "transformer": BF16, "text_encoder": BF16, "vae": F32,
+                                        "image_encoder": F32}, shift=(3.0, 5.0), tiling=False, offload=None, extra={}),
+    "wan2.1-i2v-14b-720p": dict(dtypes={"default": BF16, "transformer": BF16, "text_encoder": BF16, "vae": F32,
+                                        "image_encoder": F32}, shift=(3.0, 5.0), tiling=False, offload=None, extra={}),
+    "wan2.2-i2v-a14b": dict(dtypes={"default": BF16, "transformer": BF16, "transformer_2": BF16, "vae": F32},
+                            shift=(5.0, 5.0), tiling=False, offload="model", extra={"guidance_scale_2": 3.5}),
+    "cogvideox-5b-i2v": dict(dtypes={"default": BF16}, shift=(None, None), tiling=True, offload=None, extra={}),
 }
 
 
@@ -132,21 +140,6 @@ def test_a_shift_on_a_scheduler_without_one_fails_at_load():
 
 
 # ----------------------------------------------------------------------------- real loading, tiny weights
-
-
-def tiny_text_encoder():
-    """A tiny UMT5 encoder and a word-level tokenizer: what the real repositories ship, in miniature."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "a", "cat", "on", "the", "grass"])}
-    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(2)
-    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1,
-                                          num_heads=4, relative_attention_num_buckets=8))
-    return tokenizer, encoder.eval()
 
 
 def tiny_transformer(seed: int) -> WanTransformer3DModel:

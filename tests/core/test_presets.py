@@ -22,6 +22,10 @@ MODEL_PRESETS = {
     "cogvideox-5b": ("THUDM/CogVideoX-5b", "CogVideoXPipeline"),
     "latte-1": ("maxin-cn/Latte-1", "LattePipeline"),
     "ltx-video": ("Lightricks/LTX-Video", "LTXPipeline"),
+    "wan2.1-i2v-14b-480p": ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "WanImageToVideoPipeline"),
+    "wan2.1-i2v-14b-720p": ("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", "WanImageToVideoPipeline"),
+    "wan2.2-i2v-a14b": ("Wan-AI/Wan2.2-I2V-A14B-Diffusers", "WanImageToVideoPipeline"),
+    "cogvideox-5b-i2v": ("THUDM/CogVideoX-5b-I2V", "CogVideoXImageToVideoPipeline"),
 }
 
 
@@ -85,7 +89,9 @@ def test_model_presets_present_with_hub_ids_and_classes():
 def test_frame_rules_match_the_models():
     expect = {"wan2.1-t2v-1.3b": "4k+1", "wan2.1-t2v-14b": "4k+1", "wan2.2-t2v-a14b": "4k+1", "wan2.2-ti2v-5b": "4k+1",
               "hunyuanvideo": "4k+1",
-              "cogvideox-2b": "8k+1", "cogvideox-5b": "8k+1", "ltx-video": "8k+1"}
+              "cogvideox-2b": "8k+1", "cogvideox-5b": "8k+1", "ltx-video": "8k+1",
+              "wan2.1-i2v-14b-480p": "4k+1", "wan2.1-i2v-14b-720p": "4k+1", "wan2.2-i2v-a14b": "4k+1",
+              "cogvideox-5b-i2v": "8k+1"}
     for name, rule in expect.items():
         assert load_preset(name).limits["num_frames"][2] == rule
     assert frames_rule_ok(81, "4k+1") and not frames_rule_ok(80, "4k+1")

@@ -95,23 +95,33 @@ from diffusers import (
     AutoencoderKLMochi,
     AutoencoderKLWan,
     CogVideoXDDIMScheduler,
+    CogVideoXImageToVideoPipeline,
     CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
     DDIMScheduler,
     DiffusionPipeline,
     EulerAncestralDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideoFramepackPipeline,
+    HunyuanVideoImageToVideoPipeline,
     HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
     LattePipeline,
+    LTXImageToVideoPipeline,
     LTXPipeline,
     MochiPipeline,
     SkyReelsV2Pipeline,
     UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
     WanPipeline,
+    WanTransformer3DModel,
 )
 
-from testing_utils.families import FAMILIES, LATENT_CHANNELS, TEXT_DIM, TEXT_LEN, TEXT_PAD
+from testing_utils.families import _WAN_CONFIG, BUILD_SEED, FAMILIES, LATENT_CHANNELS, TEXT_DIM, TEXT_LEN, TEXT_PAD
 
-__all__ = ["PIPELINES", "PIPELINE_FACTS", "PipelineFacts", "generate"]
+__all__ = [
+    "I2V_PIPELINES", "PIPELINES", "PIPELINE_FACTS", "PipelineFacts", "conditioning_image", "generate", "generate_i2v",
+]
 
 VAE_SEED = 1
 """Seed of every tiny VAE build (the transformers use :data:`families.BUILD_SEED`)."""
@@ -426,3 +436,260 @@ def generate(
     if not isinstance(frames, torch.Tensor):
         frames = torch.as_tensor(frames)  # e.g. output_type="np"
     return frames.float()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# image-to-video
+#
+# The stock image-to-video pipelines, built the same way: the real pipeline class, a tiny transformer of the real class
+# configured as the I2V checkpoint's is (its extra input channels, image embedder, conditioning mode), the tiny VAE of
+# its family (which now also encodes the conditioning image), a tiny image encoder where the pipeline has one, and the
+# scheduler the checkpoint ships with. :func:`generate_i2v` passes a fixed 8-colour image and precomputed prompt
+# embeddings. How each conditions on the image, and how it calls its transformer per step:
+#
+# * wan_i2v (WanImageToVideoPipeline, Wan2.1 I2V): CLIP image tokens before the text tokens (257 + 512 in the real
+#   model), for cross-attention only; the VAE-encoded first frame and a 4-channel mask as extra input channels.
+#   Calls "cond", then "uncond".
+# * wan22_i2v (WanImageToVideoPipeline, Wan2.2 I2V A14B): the extra channels only (no image encoder); two experts
+#   split at boundary_ratio 0.9. "cond", then "uncond", on the step's expert.
+# * wan22_ti2v_i2v (WanImageToVideoPipeline with expand_timesteps, Wan2.2 TI2V-5B, built from its WanPipeline as the
+#   preset does): the image's latents are the first latent frame, whose tokens get timestep 0 (one timestep per
+#   token) and are put back after every step.
+#   "cond", then "uncond".
+# * cogvideox_i2v (CogVideoXImageToVideoPipeline, CogVideoX-5B-I2V): the image latent (then zero frames) as extra
+#   channels; learned positional embeddings (fixed to the sample size) and RoPE. One "cond_uncond" call, batch 2.
+# * ltx_i2v (LTXImageToVideoPipeline): the image's latents are the first latent frame, its tokens at timestep 0 and
+#   never stepped. One "cond_uncond" call, batch 2.
+# * hunyuan_i2v (HunyuanVideoImageToVideoPipeline, HunyuanVideo-I2V's "token_replace"): the image's latents are the
+#   first frame, its tokens modulated at timestep 0 in every block (in the real model the image's LLaVA tokens also
+#   join the text). With true CFG two calls per step, in no cache context.
+# * framepack (HunyuanVideoFramepackPipeline): SigLIP image tokens joined to the text, clean history latents as extra
+#   video tokens; one denoising loop, with its own set_timesteps, per section of frames (two sections here). With
+#   true CFG two calls per step, in no cache context.
+
+I2V_SEED = 2
+"""Seed of the image encoders and second experts of the I2V builds."""
+
+WAN_TEXT_TOKENS = 512
+"""Wan2.1 I2V's attention takes the last 512 tokens of its cross-attention input as text and the rest as image
+tokens (hard-coded in diffusers), so its prompts have exactly 512 tokens."""
+
+CLIP_DIM = 16
+SIGLIP_DIM = 32
+
+
+def _seeded(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = build()
+    return module.eval()
+
+
+def conditioning_image(size: int) -> "PIL.Image.Image":
+    """A fixed `size` × `size` RGB image: blocks of eight colours, so the VAE and the image encoders see structure."""
+    from PIL import Image
+
+    colours = torch.tensor([[230, 40, 40], [40, 200, 60], [50, 70, 220], [240, 220, 50],
+                            [250, 250, 250], [20, 20, 20], [200, 60, 200], [60, 200, 210]], dtype=torch.uint8)
+    cells = torch.arange(64).view(8, 8) % 8
+    cells = (cells + torch.arange(8).view(8, 1)) % 8
+    pixels = colours[cells].repeat_interleave(max(size // 8, 1), 0).repeat_interleave(max(size // 8, 1), 1)
+    return Image.fromarray(pixels[:size, :size].numpy())
+
+
+def _wan_i2v_transformer(seed: int, in_channels: int, out_channels: int = LATENT_CHANNELS, **extra):
+    config = {**_WAN_CONFIG, "in_channels": in_channels, "out_channels": out_channels, "num_layers": 3, **extra}
+    return _seeded(lambda: WanTransformer3DModel(**config), seed)
+
+
+# Wan2.1 I2V: the noise latents, a 4-channel first-frame mask (one per frame the VAE folds into a latent frame) and the
+# first frame's latents, stacked on channels.
+_WAN_I2V_CHANNELS = LATENT_CHANNELS + 4 + LATENT_CHANNELS
+
+
+def _build_wan_i2v() -> WanImageToVideoPipeline:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    inner = _WAN_CONFIG["num_attention_heads"] * _WAN_CONFIG["attention_head_dim"]
+    transformer = _wan_i2v_transformer(BUILD_SEED, _WAN_I2V_CHANNELS, image_dim=CLIP_DIM, added_kv_proj_dim=inner)
+    clip = CLIPVisionConfig(hidden_size=CLIP_DIM, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=32, patch_size=8, projection_dim=CLIP_DIM)
+    image_encoder = _seeded(lambda: CLIPVisionModel(clip), I2V_SEED)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    # Wan-AI/Wan2.1-I2V-14B-480P-Diffusers: UniPC, flow prediction, flow_shift 3.0 (5.0 for the 720P checkpoint).
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=_wan_vae(), scheduler=scheduler, image_processor=processor,
+        image_encoder=image_encoder, transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _build_wan22_i2v() -> WanImageToVideoPipeline:
+    """Wan2.2 I2V A14B: two experts of different weights (no image encoder), split at boundary_ratio 0.9."""
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0
+    )
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=_wan_vae(), scheduler=scheduler,
+        transformer=_wan_i2v_transformer(BUILD_SEED, _WAN_I2V_CHANNELS),
+        transformer_2=_wan_i2v_transformer(I2V_SEED, _WAN_I2V_CHANNELS), boundary_ratio=0.9,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+_TI2V_CHANNELS = 48
+
+
+def _build_wan22_ti2v_i2v() -> WanImageToVideoPipeline:
+    """Wan2.2 TI2V-5B given an image, as the wan2.2-ti2v-5b preset runs it: the checkpoint's WanPipeline (with
+    expand_timesteps, 48 latent channels and the Wan2.2 VAE: 16x spatial, diffusers' own Wan2.2-5B test VAE config)
+    turned into WanImageToVideoPipeline on the same components (`bwcache.pipelines.pipeline_for`: `from_pipe`)."""
+    vae = _vae(
+        AutoencoderKLWan, base_dim=3, z_dim=_TI2V_CHANNELS, in_channels=12, out_channels=12, is_residual=True,
+        patch_size=2, latents_mean=[0.0] * _TI2V_CHANNELS, latents_std=[1.0] * _TI2V_CHANNELS, dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1, scale_factor_spatial=16, scale_factor_temporal=4, temperal_downsample=[False, True, True],
+    )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0
+    )
+    text_to_video = WanPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, expand_timesteps=True,
+        transformer=_wan_i2v_transformer(BUILD_SEED, _TI2V_CHANNELS, _TI2V_CHANNELS),
+    )
+    pipe = WanImageToVideoPipeline.from_pipe(text_to_video)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _build_cogvideox_i2v() -> CogVideoXImageToVideoPipeline:
+    """CogVideoX-5B-I2V's layout: twice the latent channels in, learned positional embeddings (fixed to the sample
+    size) and RoPE."""
+    transformer = _seeded(lambda: CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=2 * LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        time_embed_dim=16, text_embed_dim=TEXT_DIM, num_layers=4, sample_width=8, sample_height=8, sample_frames=5,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN,
+        use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True,
+    ), BUILD_SEED)
+    base = _build_cogvideox()
+    # THUDM/CogVideoX-5b-I2V: CogVideoXDDIMScheduler as the 2B's, with the 5B's snr_shift_scale 1.0.
+    scheduler = CogVideoXDDIMScheduler.from_config(base.scheduler.config, snr_shift_scale=1.0)
+    pipe = CogVideoXImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=base.vae, transformer=transformer,
+                                         scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _build_ltx_i2v() -> LTXImageToVideoPipeline:
+    """LTX-Video given an image, as the ltx-video preset runs it: LTXImageToVideoPipeline on the text-to-video
+    pipeline's components (`from_pipe`)."""
+    pipe = LTXImageToVideoPipeline.from_pipe(_build_ltx_video())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _build_hunyuan_i2v() -> HunyuanVideoImageToVideoPipeline:
+    """HunyuanVideo-I2V (image_condition_type "token_replace": the first frame's tokens are the image's and are
+    modulated at timestep 0)."""
+    transformer = _seeded(lambda: HunyuanVideoTransformer3DModel(
+        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_attention_heads=2, attention_head_dim=16,
+        num_layers=2, num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=TEXT_DIM, pooled_projection_dim=8,
+        rope_axes_dim=(4, 6, 6), image_condition_type="token_replace",
+    ), BUILD_SEED)
+    base = _build_hunyuan_video()
+    pipe = HunyuanVideoImageToVideoPipeline(
+        text_encoder=None, tokenizer=None, transformer=transformer, vae=base.vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None,
+        image_processor=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _build_framepack() -> HunyuanVideoFramepackPipeline:
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    transformer = _seeded(lambda: HunyuanVideoFramepackTransformer3DModel(
+        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_attention_heads=2, attention_head_dim=16,
+        num_layers=2, num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=TEXT_DIM, pooled_projection_dim=8,
+        rope_axes_dim=(4, 6, 6), image_condition_type=None, has_image_proj=True, image_proj_dim=SIGLIP_DIM,
+        has_clean_x_embedder=True,
+    ), BUILD_SEED)
+    siglip = SiglipVisionConfig(hidden_size=SIGLIP_DIM, intermediate_size=37, num_hidden_layers=2,
+                                num_attention_heads=4, image_size=32, patch_size=8)
+    image_encoder = _seeded(lambda: SiglipVisionModel(siglip), I2V_SEED)
+    base = _build_hunyuan_video()
+    pipe = HunyuanVideoFramepackPipeline(
+        text_encoder=None, tokenizer=None, transformer=transformer, vae=base.vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None, tokenizer_2=None,
+        image_encoder=image_encoder, feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+I2V_PIPELINES: dict[str, Callable[[], DiffusionPipeline]] = {
+    "wan_i2v": _build_wan_i2v,
+    "wan22_i2v": _build_wan22_i2v,
+    "wan22_ti2v_i2v": _build_wan22_ti2v_i2v,
+    "cogvideox_i2v": _build_cogvideox_i2v,
+    "ltx_i2v": _build_ltx_i2v,
+    "hunyuan_i2v": _build_hunyuan_i2v,
+    "framepack": _build_framepack,
+}
+
+
+def _i2v_call_kwargs(name: str, pipe: DiffusionPipeline) -> dict:
+    """Per-pipeline keyword arguments of `pipe(...)` with its conditioning image (no generator, steps or callback)."""
+    if name == "wan_i2v":
+        gen = torch.Generator().manual_seed(EMBED_SEED)
+        text = {key: torch.randn(1, WAN_TEXT_TOKENS, TEXT_DIM, generator=gen)
+                for key in ("prompt_embeds", "negative_prompt_embeds")}
+        return dict(text, image=conditioning_image(32), height=32, width=32, num_frames=5, guidance_scale=5.0)
+    if name == "wan22_i2v":
+        return dict(_text(), image=conditioning_image(32), height=32, width=32, num_frames=5, guidance_scale=4.0,
+                    guidance_scale_2=3.0)
+    if name == "wan22_ti2v_i2v":
+        return dict(_text(), image=conditioning_image(64), height=64, width=64, num_frames=9, guidance_scale=5.0)
+    if name == "cogvideox_i2v":
+        return dict(_text(), image=conditioning_image(64), height=64, width=64, num_frames=5, guidance_scale=6.0)
+    if name == "ltx_i2v":
+        return dict(_text(masked=True), image=conditioning_image(128), height=128, width=128, num_frames=17,
+                    guidance_scale=3.0)
+    if name in ("hunyuan_i2v", "framepack"):
+        text = _text(masked=True, pooled_dim=pipe.transformer.config.pooled_projection_dim)
+        size = 64 if name == "hunyuan_i2v" else 32
+        extra = dict(num_frames=5) if name == "hunyuan_i2v" else dict(num_frames=17, latent_window_size=3)
+        # Embedded guidance as the model takes it, and true CFG: a second (negative) call per step.
+        return dict(text, image=conditioning_image(size), height=size, width=size, guidance_scale=6.0,
+                    true_cfg_scale=3.0, **extra)
+    raise KeyError(f"unknown image-to-video pipeline {name!r}; known: {sorted(I2V_PIPELINES)}")
+
+
+def generate_i2v(
+    name: str,
+    pipe: DiffusionPipeline,
+    seed: int = 0,
+    num_inference_steps: int = 4,
+    callback_on_step_end=None,
+    **overrides,
+) -> torch.Tensor:
+    """Run ``pipe(...)`` (from ``I2V_PIPELINES[name]()``) on its conditioning image and return the final latents as a
+    float32 tensor (Framepack: the whole history of its sections)."""
+    kwargs = _i2v_call_kwargs(name, pipe)
+    kwargs.update(num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(int(seed)),
+                  output_type="latent")
+    if callback_on_step_end is not None:
+        kwargs["callback_on_step_end"] = callback_on_step_end
+    kwargs.update(overrides)
+    frames = pipe(**kwargs).frames
+    if isinstance(frames, list):
+        frames = frames[-1]  # Framepack's latent output: the history after each section
+    return torch.as_tensor(frames).float()

@@ -115,3 +115,18 @@ def small_preset(name: str = "wan2.1-t2v-1.3b") -> Preset:
     data["defaults"].update(height=16, width=16, num_frames=5, num_inference_steps=6, fps=8, negative_prompt="")
     data["limits"].update(height=[16, 32, 16], width=[16, 32, 16], num_frames=[5, 9, "4k+1"], num_inference_steps=[2, 12])
     return Preset.from_dict(data, source=f"small {name}")
+
+
+def tiny_text_encoder():
+    """A tiny UMT5 encoder and a word-level tokenizer: what the real repositories ship, in miniature."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "a", "cat", "on", "the", "grass"])}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(2)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1,
+                                          num_heads=4, relative_attention_num_buckets=8))
+    return tokenizer, encoder.eval()
