@@ -30,6 +30,7 @@ from bwcache.ui import service
 from bwcache.config import CACHE_SETTINGS, BWCacheConfig
 from bwcache import space
 from bwcache.pipelines import PipelineUnavailable, get_pipeline
+from bwcache.images import MAX_IMAGE_BYTES
 from bwcache.plan import check_fits, device_memory_gb
 from bwcache.presets import DEFAULT_PROFILE, Preset
 from bwcache.report import summary_markdown
@@ -44,8 +45,8 @@ OUTPUT_ROOT = Path(os.environ.get("BWCACHE_OUTPUT_DIR", "outputs")).resolve()
 PIPELINE_OVERRIDES: dict[str, object] = {}
 # How many run folders OUTPUT_ROOT keeps (the oldest go first).
 MAX_RUNS = ui.max_runs(os.environ)
-# Uploads: the app takes none, so Gradio's upload route accepts nothing bigger than this.
-MAX_FILE_SIZE = "1mb"
+# Uploads: first frames only, so Gradio's upload route accepts nothing bigger than an image may be.
+MAX_FILE_SIZE = f"{MAX_IMAGE_BYTES // (1024 * 1024)}mb"
 # One run at a time on the shared pipelines (`bwcache.ui.service`).
 PIPELINE_LOCK = service.PIPELINE_LOCK
 
@@ -185,7 +186,13 @@ def _run_sweep(preset_name, request, thresholds, progress=None):
                               preset_name, request, thresholds, progress=progress)
 
 
+# Files Gradio's cache keeps: what the newest runs show (each run serves up to about ten files).
+MAX_CACHED_FILES = 10 * MAX_RUNS
+
+
 def _save(kind, write) -> dict:
+    # Gradio copies every file it serves into its cache, which otherwise only ages out: bounded as the runs are.
+    ui.prune_cache(demo.GRADIO_CACHE, MAX_CACHED_FILES)
     return service.save_run(OUTPUT_ROOT, kind, write, MAX_RUNS)
 
 
@@ -232,7 +239,13 @@ def _compare(values, progress):
         paths.get("peer"),
         ui.download_list(paths),
         record,
+        _input_image(paths),
     )
+
+
+def _input_image(paths):
+    """The input image beside the videos, as the run was given it; hidden without one."""
+    return gr.update(value=paths.get("input"), visible="input" in paths)
 
 
 def _sweep(values, progress):
@@ -337,7 +350,7 @@ def load_example(prompt, preset, threshold, seed):
     run = [
         paths["baseline"], paths["bwcache"], ui.heatmap(record),
         ui.example_summary(record, summary_markdown(record)), record, record["seed"], paths.get("peer"),
-        ui.download_list(paths), record,
+        ui.download_list(paths), record, _input_image(paths),
     ]
     form = _form_updates(spec, values)
     return run + [update for key, update in zip(ui.form_keys(spec.settings) + ["notes"], form) if key != "seed"]
@@ -380,6 +393,9 @@ def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
                 preset = as_sent(gr.Dropdown([(p.label, name) for name, p in PRESETS.items()], value=DEFAULT_PRESET,
                                              label="Model preset", elem_id="preset"))
                 controls["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                # The image is checked by the app (format, size) and fitted to the video; Gradio passes the path.
+                controls["image"] = gr.Image(label="First frame", type="filepath", sources=["upload"],
+                                             image_mode=None, visible=False, elem_id="image")
                 controls["profile"] = as_sent(gr.Dropdown(
                     list(PRESETS[DEFAULT_PRESET].profile_names) if DEFAULT_PRESET else [], value=DEFAULT_PROFILE,
                     label="Profile", elem_id="profile"))
@@ -421,6 +437,8 @@ def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
                 with gr.Tabs():
                     with gr.Tab("Comparison") as comparison_tab:
                         with gr.Row(equal_height=True, elem_classes=["video-pair"]):
+                            input_image = gr.Image(label="Input image (first frame)", interactive=False,
+                                                   visible=False, elem_id="input-image")
                             baseline_video = gr.Video(label="Uncached", autoplay=True, loop=True,
                                                       buttons=["download"], interactive=False,
                                                       elem_id="baseline-video")
@@ -472,7 +490,7 @@ def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
         form = [shown[key] for key in ui.form_keys(settings)] + [notes]
         profile_form = [shown[key] for key in ui.profile_keys(settings)]
         run_outputs = [baseline_video, bwcache_video, heatmap, summary, record_json, controls["seed"], peer_video,
-                       downloads, run_state]
+                       downloads, run_state, input_image]
         example_outputs = run_outputs + [c for c in form if c not in run_outputs]
 
         for name, slider in sliders.items():
@@ -485,8 +503,8 @@ def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
                                   api_visibility="private")
 
         # A new run clears the last one's results, so that an error does not leave them on screen as if current.
-        run.click(lambda: (None, None, "", None), None, [baseline_video, bwcache_video, summary, heatmap],
-                  queue=False, api_visibility="private")
+        run.click(lambda: (None, None, "", None, gr.update(value=None, visible=False)), None,
+                  [baseline_video, bwcache_video, summary, heatmap, input_image], queue=False, api_visibility="private")
         run.click(
             service.cancellable(ui.endpoint(_compare, ui.compare_parameters(settings), compare.__doc__, gr.Progress())),
             [controls[name] for name in ui.compare_parameters(settings)],

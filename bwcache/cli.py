@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from pathlib import Path
 from .config import CACHE_SETTINGS
 from .parallel import KINDS, close_distributed, init_distributed, is_main_process
 from .pipelines import PipelineUnavailable
+from .outputs import check_writable, read_lines
 from .report import OUTPUT_FILES
 from .settings import Setting, Settings
 
@@ -42,6 +42,8 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny-shapes", help="preset name or path to a preset JSON (default: tiny-shapes)")
     parser.add_argument("--prompt", help="prompt (default: the preset's)")
     parser.add_argument("--negative-prompt", help="negative prompt (default: the preset's)")
+    parser.add_argument("--image", type=Path, help="first frame (PNG, JPEG or WebP) for presets that take one; "
+                        "fitted to the video's size")
     parser.add_argument("--seed", type=int, help="seed (default: the preset's)")
     parser.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
     parser.add_argument("--frames", type=int, dest="num_frames", help="number of frames")
@@ -136,21 +138,6 @@ def build_parser(settings: Settings = CACHE_SETTINGS) -> argparse.ArgumentParser
     return parser
 
 
-def _writable(path: Path, option: str, folder: bool) -> None:
-    """Refuse an output path that cannot be written, before any model work."""
-    if folder and path.exists() and not path.is_dir():
-        raise ValueError(f"{option} {path} is a file; give a folder.")
-    if not folder and path.is_dir():
-        raise ValueError(f"{option} {path} is a folder; give a file path.")
-    existing = path if folder and path.exists() else path.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{option} {path} cannot be created: {existing} is a file.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path} cannot be written: no write permission in {existing}.")
-
-
 def _check_device(device: str) -> None:
     import torch
 
@@ -172,9 +159,9 @@ def _preflight(args) -> None:
     """Everything checkable before any model work: output paths, the device, and the settings against the preset's
     allowed ranges (the same checks as the app's)."""
     if args.json:
-        _writable(args.json, "--json", folder=False)
+        check_writable(args.json, "--json", folder=False)
     if args.out_dir:
-        _writable(args.out_dir, "--out-dir", folder=True)
+        check_writable(args.out_dir, "--out-dir", folder=True)
     if args.device:
         _check_device(args.device)
     if not 1 <= args.timing_repeats <= 20:
@@ -268,7 +255,7 @@ def _plan(args) -> int:
         print(plan.text())
         if plan.refusal():
             print(plan.refusal())
-    return 0
+    return 1 if plan.fits is False else 0
 
 
 def check_profile_file(path: Path):
@@ -278,19 +265,6 @@ def check_profile_file(path: Path):
     if not str(path).lower().endswith(".json"):
         raise ValueError(f"--profile-file {path}: a profile file's name ends in .json.")
     return read_profile(path)
-
-
-def read_prompt_file(path: Path) -> list[str]:
-    """The prompts of a prompt file, one per non-empty line; a missing or empty file is refused."""
-    if not path.is_file():
-        raise ValueError(f"--prompt-file {path} does not exist" + (" (it is a folder)." if path.is_dir() else "."))
-    try:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"--prompt-file {path} cannot be read: {error}.") from None
-    if not prompts:
-        raise ValueError(f"--prompt-file {path} holds no prompt: write one per line.")
-    return prompts
 
 
 def _calibrate_preflight(args):
@@ -306,13 +280,13 @@ def _calibrate_preflight(args):
                   names={"target_psnr": "--target-psnr", "target_speedup": "--target-speedup", "budget": "--budget"})
     if not str(args.out).lower().endswith(".json"):
         raise ValueError(f"--out {args.out}: a profile file's name ends in .json.")
-    _writable(args.out, "--out", folder=False)
+    check_writable(args.out, "--out", folder=False)
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"Refusing to overwrite {args.out}; pass --overwrite or choose another --out.")
     if args.device:
         _check_device(args.device)
     preset = resolve_preset(args.preset)
-    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else calibration_prompts(preset, args.budget)
+    prompts = read_lines(args.prompt_file, "--prompt-file") if args.prompt_file else calibration_prompts(preset, args.budget)
     generation = {key: getattr(args, key) for key in SETTING_KEYS if getattr(args, key, None) is not None}
     for k, prompt in enumerate(prompts):
         where = f"line {k + 1} of {args.prompt_file}" if args.prompt_file else "the preset's prompt"

@@ -29,6 +29,7 @@ State is kept per branch (cache-context name). A call that raises drops all stat
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from diffusers.hooks.hooks import BaseState, CacheContext, ModelHook, StateManager
@@ -40,6 +41,7 @@ from .clock import PipelineClock, StepLocator
 from .config import BWCacheConfig
 from .distances import DistanceMeter, DistanceSums
 from .policies import make_policy
+from .guardrails import schedule_warnings
 from .stacking import refuse_stacked
 from .storage import compact, stored_feature, stored_residual, tensors, value
 from .trace import Trace
@@ -305,7 +307,7 @@ class BWCacheHook(ModelHook):
 
     def _begin_step(self, state: BWCacheState, context: CacheContext, args, kwargs) -> None:
         step, num_steps, timestep = self.steps.locate(state, context, args, kwargs)
-        self._start_generation()
+        self._start_generation(num_steps)
 
         reuse_interval = self.config.resolved_reuse_interval(num_steps) if num_steps else None
         state.start_step(step, num_steps, timestep, reuse_interval)
@@ -323,12 +325,16 @@ class BWCacheHook(ModelHook):
             branch.timesteps[at] = timestep
             branch.experts[at] = self.expert
 
-    def _start_generation(self) -> None:
-        """At the first call of a generation: refuse a cache stacked since, and start the trace afresh."""
+    def _start_generation(self, num_steps: int | None) -> None:
+        """At the first call of a generation: refuse a cache stacked since, say what its step count leaves the cache
+        (`bwcache.guardrails`), and start the trace afresh."""
         key = self.steps.generation_key
         if key == self._started:
             return
         refuse_stacked(self.module)
+        if num_steps is not None:
+            for note in schedule_warnings(self.config, num_steps):
+                warnings.warn(note, stacklevel=2)
         cp_config = parallel.checked_config(self.module)
         self._started = key
         if self.config.record_trace:

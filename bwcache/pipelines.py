@@ -240,6 +240,8 @@ def call_kwargs(preset: Preset, settings: dict) -> dict:
     if "fps" in names:
         keys.append("fps")
     kwargs = {names.get(key, key): settings[key] for key in keys if settings.get(key) is not None}
+    if settings.get("image") is not None:
+        kwargs["image"] = settings["image"]
     for key, value in preset.call_defaults().items():
         kwargs[key] = settings[key] if settings.get(key) is not None else value
     return kwargs

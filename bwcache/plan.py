@@ -359,7 +359,7 @@ def largest_settings(preset: Preset) -> dict:
 
 
 
-# Memory of the GPUs people run on (GB), smallest first: a preset recommends the smallest that holds its default run.
+# Memory of the GPUs people run on (GB), smallest first: a preset recommends the smallest that holds its runs.
 GPU_CLASSES_GB = (8, 12, 16, 24, 32, 40, 48, 80, 96, 141, 192)
 
 
@@ -373,10 +373,12 @@ def default_plan(preset: Preset, profile: str | None = None, gpu_memory_gb: floa
 
 
 def recommended_gpu_memory_gb(preset: Preset) -> int | None:
-    """The smallest common GPU that holds the preset's default run in every profile (None for a CPU preset)."""
+    """The smallest common GPU that holds the preset's largest allowed run in every profile, so that every request
+    the preset allows fits (None for a CPU preset)."""
     if preset.kind == "tiny":
         return None
-    need = max(default_plan(preset, profile).total_bytes_peak for profile in preset.profile_names) / GB
+    largest = largest_settings(preset)
+    need = max(default_plan(preset, profile, **largest).total_bytes_peak for profile in preset.profile_names) / GB
     return next((size for size in GPU_CLASSES_GB if size >= need), None)
 
 

@@ -25,6 +25,7 @@ Schema (every key required; ``hub_id``, ``pipeline_class`` and
               cpu_offload: "model" to load with `pipe.enable_model_cpu_offload()` (one model on the GPU at a time)
               call_defaults: extra pipeline call arguments (`CALL_DEFAULTS`: guidance_scale_2, the low-noise
                           expert's guidance of two-expert pipelines), which a request may change
+    image (optional): "required" for image-to-video, "optional" where a first frame may be given, null otherwise
     model (optional; every diffusers preset has one): the model's shape, for the memory plan (`bwcache.plan`):
               transformer_class and transformer (the diffusers class and its config, built on the meta device),
               experts (1, or 2 for Wan2.2-A14B), vae_compression [temporal, spatial], text_tokens,
@@ -47,7 +48,7 @@ from typing import Any, Mapping
 
 from . import resources
 from .config import CACHE_SETTINGS
-from .settings import Settings, is_int as _is_int
+from .settings import Settings, is_int as _is_int, short_repr
 
 __all__ = [
     "CALL_DEFAULTS",
@@ -71,7 +72,9 @@ _TOP_KEYS = (
     "name", "label", "kind", "hub_id", "pipeline_class", "dtype",
     "defaults", "limits", "bwcache", "recommended_gpu_memory_gb", "notes",
 )
-_OPTIONAL_TOP = ("profiles", "loading", "model")
+_OPTIONAL_TOP = ("profiles", "loading", "model", "image")
+# Whether a preset takes a first frame: required (image-to-video), optional (text-and-image-to-video) or not (null).
+IMAGE_INPUTS = ("required", "optional")
 _NULLABLE_TOP = {"hub_id", "pipeline_class", "recommended_gpu_memory_gb"}
 _DEFAULT_KEYS = (
     "prompt", "negative_prompt", "height", "width", "num_frames",
@@ -155,6 +158,7 @@ class Preset:
     notes: str
     loading: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
     model: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
+    image: str | None = None
     path: Path | None = field(default=None, compare=False)
     # The cache settings its `bwcache` section and profiles were checked against, and build configs with.
     settings: Settings = field(default=CACHE_SETTINGS, compare=False, hash=False, repr=False)
@@ -179,6 +183,7 @@ class Preset:
             notes=data["notes"],
             loading=_freeze(data.get("loading", {})),
             model=_freeze(data.get("model", {})),
+            image=data.get("image"),
             path=path,
             settings=settings,
         )
@@ -213,7 +218,7 @@ class Preset:
             return _profile_files().read_profile(profile).settings_for(num_steps)
         profile = profile or DEFAULT_PROFILE
         if profile not in self.profile_names:
-            raise ValueError(f"Profile {profile!r} is not one of {self.label}'s profiles: {', '.join(self.profile_names)}.")
+            raise ValueError(f"Profile {short_repr(profile)} is not one of {self.label}'s profiles: {', '.join(self.profile_names)}.")
         values = {key: _thaw(value) for key, value in self.bwcache.items()}
         if profile != DEFAULT_PROFILE:
             values.update({key: _thaw(value) for key, value in self.profiles[profile]["bwcache"].items()})
@@ -267,7 +272,7 @@ class Preset:
             value = _need_int(_LABELS[fname], value)
             if not lo <= value <= hi or value % mult:
                 raise ValueError(
-                    f"{_LABELS[fname]} = {value} is not allowed for {self.label}: use a multiple of {mult} from {lo} to {hi}"
+                    f"{_LABELS[fname]} = {short_repr(value)} is not allowed for {self.label}: use a multiple of {mult} from {lo} to {hi}"
                 )
             checked[fname] = value
         if num_frames is not None:
@@ -275,24 +280,24 @@ class Preset:
             num_frames = _need_int("Frames", num_frames)
             if not lo <= num_frames <= hi or not frames_rule_ok(num_frames, rule):
                 allowed = f"exactly {lo}" if lo == hi else f"{_rule_text(rule)} from {lo} to {hi}"
-                raise ValueError(f"Frames = {num_frames} is not allowed for {self.label}: use {allowed}")
+                raise ValueError(f"Frames = {short_repr(num_frames)} is not allowed for {self.label}: use {allowed}")
             checked["num_frames"] = num_frames
         if num_inference_steps is not None:
             lo, hi = lim["num_inference_steps"][:2]
             num_inference_steps = _need_int("Steps", num_inference_steps)
             if not lo <= num_inference_steps <= hi:
                 raise ValueError(
-                    f"Steps = {num_inference_steps} is outside the allowed range {lo} to {hi} "
+                    f"Steps = {short_repr(num_inference_steps)} is outside the allowed range {lo} to {hi} "
                     f"for {self.label}"
                 )
             checked["num_inference_steps"] = num_inference_steps
         if guidance_scale is not None:
             lo, hi = lim["guidance_scale"][:2]
             if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool) or not math.isfinite(guidance_scale):
-                raise ValueError(f"Guidance scale must be a finite number, got {guidance_scale!r}")
+                raise ValueError(f"Guidance scale must be a finite number, got {short_repr(guidance_scale)}")
             if not lo <= guidance_scale <= hi:
                 raise ValueError(
-                    f"Guidance scale = {guidance_scale} is outside the allowed range {lo} to {hi} for {self.label}"
+                    f"Guidance scale = {short_repr(guidance_scale)} is outside the allowed range {lo} to {hi} for {self.label}"
                 )
             checked["guidance_scale"] = float(guidance_scale)
         if guidance_scale_2 is not None:
@@ -300,7 +305,7 @@ class Preset:
                 raise ValueError(f"{self.label} has one guidance scale; guidance_scale_2 is for two-expert models")
             lo, hi = lim["guidance_scale"][:2]
             if not _is_number(guidance_scale_2) or not lo <= guidance_scale_2 <= hi:
-                raise ValueError(f"Guidance scale 2 = {guidance_scale_2!r} is outside the allowed range {lo} to {hi} "
+                raise ValueError(f"Guidance scale 2 = {short_repr(guidance_scale_2)} is outside the allowed range {lo} to {hi} "
                                  f"for {self.label}")
             checked["guidance_scale_2"] = float(guidance_scale_2)
         return checked
@@ -335,7 +340,7 @@ def _need_int(fname: str, value: Any) -> int:
         return int(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
         return int(value)
-    raise ValueError(f"{fname} must be a whole number, got {value!r}")
+    raise ValueError(f"{fname} must be a whole number, got {short_repr(value)}")
 
 
 def _check_schema(data: Any, source: str, settings: Settings) -> None:
@@ -435,6 +440,8 @@ def _check_schema(data: Any, source: str, settings: Settings) -> None:
         check_cache({**b, **profile["bwcache"]}, f"profiles.{name}: ")
     _check_loading(data.get("loading", {}), data, fail)
     _check_model(data.get("model", {}), fail)
+    if data.get("image") not in (None, *IMAGE_INPUTS):
+        fail(f"image must be null or one of {list(IMAGE_INPUTS)}, got {data.get('image')!r}")
 
 
 _MODEL_KEYS = {"transformer_class": str, "transformer": Mapping, "experts": int, "vae_compression": (list, tuple),

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from .figures import trace_to_csv
+from .config import BWCacheConfig
+from .guardrails import no_room
 from .trace import held_memory_text, summarize
 from .video import side_by_side, to_uint8, upscale, write_mp4
 
@@ -44,7 +46,11 @@ def summary_markdown(record: dict) -> str:
             f"- Ideal speedup for this reuse (DiT blocks took {record['block_share']:.0%} of the time): "
             f"{record['ideal_speedup']:.2f}×"
         )
-    for hint in (no_reuse_hint(record), timing_note(record), *(record.get("profile_warnings") or [])):
+    image = image_text(record)
+    if image:
+        lines.append(f"- {image}")
+    for hint in (*record.get("warnings", ()), no_reuse_hint(record), timing_note(record),
+                 *(record.get("profile_warnings") or [])):
         if hint:
             lines.append(f"- {hint}")
     held = held_memory_text(record["trace"])
@@ -74,7 +80,8 @@ def summary_text(record: dict) -> str:
         f"{record['speedup']:.2f}× speedup{spread}, {record['reuse_fraction']:.1%} of block evaluations skipped, "
         f"{_quality_text(record)} ({record['device']})"
     )
-    notes = [note for note in (timing_note(record), *(record.get("profile_warnings") or [])) if note]
+    notes = [note for note in (image_text(record), timing_note(record), *(record.get("profile_warnings") or []))
+             if note]
     return "\n".join([head, *notes, summarize(record["trace"])])
 
 
@@ -99,8 +106,17 @@ def save_comparison(comparison, out_dir: str | Path, fps: int | None = None, ove
               overwrite=overwrite)
     paths["record"].write_text(json.dumps(record, indent=1))
     paths["trace_csv"].write_text(trace_to_csv(record["trace"]))
+    image = getattr(comparison, "image", None)
+    if image is not None:
+        # The first frame as the run was given it (fitted to the video), beside the videos.
+        paths["input"] = out_dir / INPUT_IMAGE
+        if paths["input"].exists() and not overwrite:
+            raise FileExistsError(f"Refusing to overwrite {paths['input']}; choose another folder.")
+        image.save(paths["input"])
     return {name: str(path) for name, path in paths.items()}
 
+
+INPUT_IMAGE = "input.png"
 
 # The halves of side_by_side.mp4, left to right, named as the app names its videos.
 SIDE_BY_SIDE_LABELS = ("uncached", "BWCache")
@@ -119,16 +135,26 @@ def upscale_pair(*videos, min_side: int = 256):
     return tuple(upscale(to_uint8(v), min_side=min_side) for v in videos)
 
 
+def image_text(record: dict) -> str | None:
+    """How closely each video's first frame matches the image it was given, and how the image was fitted."""
+    image = record.get("image")
+    if not image:
+        return None
+    matches = ", ".join(f"{name} {'∞' if value is None else f'{value:.1f}'} dB"
+                        for name, value in image["first_frame_psnr"].items())
+    note = f" ({image['note']})" if image.get("note") else ""
+    return f"First frame vs the input image: PSNR {matches}{note}"
+
+
 def no_reuse_hint(record: dict) -> str | None:
-    """Why a cached run reused nothing, when it did not (None when it reused something, or δ was 0)."""
+    """Why a cached run reused nothing, when it did not (None when it reused something, δ was 0, or the run's own
+    warnings already say that its step count left no step to reuse)."""
     config, steps = record["config"], record["settings"]["num_inference_steps"]
     if record["reuse_fraction"] > 0 or config["threshold"] == 0:
         return None
+    if no_room(BWCacheConfig.from_dict(config), steps):
+        return None
     if config["mode"] in ("blockwise", "static"):
-        warmup, tail = config.get("warmup_steps", 0), config.get("tail_steps", 0)
-        if steps <= warmup + tail + 1 or config["mode"] == "static":
-            return (f"Nothing was reused: with {steps} steps, the {warmup} warm-up and {tail} tail steps leave no step "
-                    "where a block may reuse. Use more steps or fewer warm-up and tail steps.")
         return f"Nothing was reused: no block's distance fell below δ={config['threshold']:g}. Try a higher δ."
     triggers = [t for t in record.get("trigger_steps", {}).values() if t is not None]
     if not triggers:

@@ -23,13 +23,16 @@ from . import parallel, peers
 from .config import CACHE_SETTINGS, BWCacheConfig
 from .apply import cached
 from .instruments import block_timer, synchronize
-from .metrics import compare_videos
+from .guardrails import schedule_warnings
+from .images import as_frame, fit_image, read_image
+from .metrics import compare_videos, psnr
 from .policies import distance_map_config
 from .pipelines import default_device, prepare_call, device_name, get_pipeline
 from .calibrate.profile import is_profile_path, read_profile
 from .calibrate.profile import warn as warn_profile
 from .presets import DEFAULT_PROFILE, Preset, load_preset
 from .resources import package_version
+from .settings import short_repr
 from .tuning import ideal_speedup
 from .trace import reuse_fraction
 
@@ -54,6 +57,8 @@ class Comparison:
     baseline_frames: np.ndarray = field(repr=False)
     bwcache_frames: np.ndarray = field(repr=False)
     peer_frames: np.ndarray | None = field(default=None, repr=False)
+    # The first frame the run was given, fitted to the video (a PIL image), or None.
+    image: object | None = field(default=None, repr=False)
 
     def as_uint8(self) -> "Comparison":
         """The same comparison with uint8 frames: a quarter of the bytes, for crossing a process boundary (the
@@ -61,7 +66,7 @@ class Comparison:
         from .video import to_uint8
 
         peer = None if self.peer_frames is None else to_uint8(self.peer_frames)
-        return Comparison(self.record, to_uint8(self.baseline_frames), to_uint8(self.bwcache_frames), peer)
+        return Comparison(self.record, to_uint8(self.baseline_frames), to_uint8(self.bwcache_frames), peer, self.image)
 
 
 def resolve_preset(preset: str | Preset) -> Preset:
@@ -69,7 +74,10 @@ def resolve_preset(preset: str | Preset) -> Preset:
 
 
 def resolve_settings(preset: Preset, **overrides) -> dict:
-    """The preset's defaults with the given overrides, checked against the preset's limits."""
+    """The preset's defaults with the given overrides, checked against the preset's limits; a first frame
+    (`image`: a path, bytes, a PIL image or an array) is read, checked and fitted to the video's size, with a note
+    (`image_note`) saying what was done."""
+    image = overrides.pop("image", None)
     settings = {key: preset.defaults.get(key) for key in SETTING_KEYS + ("fps", "seed")}
     settings.update({key: value for key, value in overrides.items() if value is not None})
     if isinstance(settings["prompt"], str):
@@ -77,9 +85,23 @@ def resolve_settings(preset: Preset, **overrides) -> dict:
     preset.validate_request(**{key: settings[key] for key in SETTING_KEYS if key != "negative_prompt"})
     seed = settings["seed"]
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer from 0 to {2**32 - 1}, got {seed!r}.")
+        raise ValueError(f"seed must be an integer from 0 to {2**32 - 1}, got {short_repr(seed)}.")
     settings["seed"] = int(seed)
+    settings["image"], settings["image_note"] = _first_frame(preset, image, settings)
     return settings
+
+
+def _first_frame(preset: Preset, image, settings: dict):
+    """The request's first frame fitted to the video, and what fitting it did; a preset that takes none, or needs
+    one, says so."""
+    if image is None:
+        if preset.image == "required":
+            raise ValueError(f"Image: {preset.label} makes a video from a first frame; give an image (PNG, JPEG or "
+                             "WebP).")
+        return None, None
+    if preset.image is None:
+        raise ValueError(f"Image: {preset.label} takes no image; leave it out, or choose an image-to-video preset.")
+    return fit_image(read_image(image), settings["width"], settings["height"])
 
 
 def resolve_config(preset: Preset, num_steps: int, profile: str | None = None, request: dict | None = None,
@@ -99,6 +121,14 @@ def resolve_config(preset: Preset, num_steps: int, profile: str | None = None, r
             values[name] = preset.settings[name].resolve(value) if name in preset.settings else value
     values["num_inference_steps"] = num_steps
     return preset.settings.make(values)
+
+
+def tuned_steps(preset: Preset, profile) -> int | None:
+    """The step count a profile's settings were tuned at: a profile file's calibration steps, else the preset's
+    default step count."""
+    if is_profile_path(profile):
+        return read_profile(profile).setting.get("num_inference_steps")
+    return preset.defaults["num_inference_steps"]
 
 
 def profile_warnings(preset: Preset, profile, settings: dict) -> list[str]:
@@ -128,7 +158,7 @@ def resolve_run(preset: Preset, prompt=None, seed=None, config: BWCacheConfig | 
                 profile: str | None = None, **overrides) -> tuple[dict, BWCacheConfig]:
     """The generation settings and the cache config of a run: the preset's defaults, changed by `overrides`
     (generation settings by their names in `SETTING_KEYS`, cache settings by theirs), or `config` as given."""
-    generation = {key: overrides.pop(key) for key in SETTING_KEYS if key in overrides}
+    generation = {key: overrides.pop(key) for key in (*SETTING_KEYS, "image") if key in overrides}
     settings = resolve_settings(preset, prompt=prompt, seed=seed, **generation)
     if config is None:
         return settings, resolve_config(preset, settings["num_inference_steps"], profile=profile, request=settings,
@@ -340,6 +370,8 @@ def run_comparison(
         "context_parallel": sharded,
         **timing,
         **_quality(baseline_frames, cached_frames, device),
+        "image": first_frame_record(settings, baseline_frames, cached_frames, peer_frames),
+        "warnings": schedule_warnings(config, steps, tuned_steps(preset, profile)),
         "reuse_fraction": reuse_fraction(trace),
         "block_share": block_share,
         "ideal_speedup": ideal_speedup(reuse_fraction(trace), block_share),
@@ -356,7 +388,23 @@ def run_comparison(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
-    return Comparison(record, baseline_frames, cached_frames, peer_frames)
+    return Comparison(record, baseline_frames, cached_frames, peer_frames, settings["image"])
+
+
+def first_frame_record(settings: dict, *videos) -> dict | None:
+    """How closely each video's first frame matches the image it was given (PSNR, dB): uncached, BWCache, and the
+    peer's when there is one; None without an image."""
+    image = settings.get("image")
+    if image is None:
+        return None
+    frame = as_frame(image)
+    names = ("uncached", "bwcache", "peer")
+    return {
+        "size": list(image.size),
+        "note": settings.get("image_note"),
+        "first_frame_psnr": {name: json_number(psnr(video[0], frame)) for name, video in zip(names, videos)
+                             if video is not None},
+    }
 
 
 def timing_figures(pairs: list[tuple[float, float]]) -> dict:

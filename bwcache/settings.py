@@ -230,8 +230,8 @@ def _range_text(low, high) -> str:
 
 def short_repr(value: Any, limit: int = 40) -> str:
     """`repr(value)` for a message, cut short: a user's value may be huge (1e308 as an integer) or hold control
-    characters, which `repr` escapes."""
-    text = repr(value)
+    characters, which `repr` escapes. Numbers read as they are (no quotes)."""
+    text = repr(value) if not isinstance(value, numbers.Number) else str(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

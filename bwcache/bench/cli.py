@@ -8,6 +8,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from ..outputs import check_writable, read_lines
 from ..runner import resolve_preset
 from .methods import PROMPT_SETS, default_methods, select_methods
 from .report import markdown_table, pareto_figure, pareto_svg, report_markdown
@@ -42,6 +43,11 @@ def output_paths(out: Path | None, preset_name: str, overwrite: bool, markdown: 
              "html": out / f"{preset_name}-pareto.html"}
     if markdown is not None:
         paths["markdown"] = markdown
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the results.")
+    check_writable(out, "--out", folder=True)
+    if markdown is not None:
+        check_writable(markdown, "--markdown", folder=False)
     for path in paths.values():
         if path.is_dir():
             raise ValueError(f"{path} is a folder; the benchmark writes a file there.")
@@ -62,7 +68,7 @@ def run_from_args(args) -> int:
         check_profile_file(profile_file)
     methods = select_methods(args.methods, profile_file)
     if args.prompt_file:
-        prompts = [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        prompts = read_lines(args.prompt_file, "--prompt-file")
     else:
         prompts = list(PROMPT_SETS[args.prompt_set])
     if args.prompts < 1:

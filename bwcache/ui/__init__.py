@@ -48,6 +48,7 @@ from .runs import (
     list_examples,
     max_runs,
     new_run_dir,
+    prune_cache,
     prune_runs,
     remove_partial_runs,
     save_run,

@@ -20,7 +20,8 @@ ENDPOINT_DEFAULTS = {"randomize_seed": False, "compare_with": NO_PEER, "threshol
 
 def form_keys(settings: Settings = CACHE_SETTINGS) -> list[str]:
     """The controls a preset fills, in the order the app's `fill_preset` returns them (then the notes)."""
-    return ["prompt", "negative_prompt", *GENERATION_FIELDS, "seed", "profile", *(s.name for s in settings.form)]
+    return ["prompt", "negative_prompt", "image", *GENERATION_FIELDS, "seed", "profile",
+            *(s.name for s in settings.form)]
 
 
 def profile_keys(settings: Settings = CACHE_SETTINGS) -> list[str]:
@@ -32,14 +33,15 @@ def compare_parameters(settings: Settings = CACHE_SETTINGS) -> list[str]:
     """The compare endpoint's parameters, in order: the main settings (δ) right after the preset."""
     main = [s.name for s in settings.form if s.form == "main"]
     advanced = [s.name for s in settings.form if s.form == "advanced"]
-    return ["prompt", "preset", *main, "seed", "negative_prompt", *GENERATION_FIELDS, *advanced, "randomize_seed",
-            "compare_with", "profile"]
+    return ["prompt", "preset", *main, "seed", "negative_prompt", "image", *GENERATION_FIELDS, *advanced,
+            "randomize_seed", "compare_with", "profile"]
 
 
 def sweep_parameters(settings: Settings = CACHE_SETTINGS) -> list[str]:
     """The sweep endpoint's parameters: the δ values instead of δ."""
     cache = [s.name for s in settings.form if s.name != "threshold"]
-    return ["prompt", "preset", "thresholds", "seed", "negative_prompt", *GENERATION_FIELDS, *cache, "profile"]
+    return ["prompt", "preset", "thresholds", "seed", "negative_prompt", "image", *GENERATION_FIELDS, *cache,
+            "profile"]
 
 
 def endpoint(work: Callable[[dict, Any], Any], names: list[str], doc: str, progress: Any) -> Callable:

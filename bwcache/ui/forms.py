@@ -79,6 +79,9 @@ def preset_form(preset: Preset, values: Mapping[str, Any] | None = None) -> dict
     form = {
         "prompt": {"value": value("prompt", d["prompt"]), "info": f"At most {lim['prompt_max_chars']} characters."},
         "negative_prompt": {"value": value("negative_prompt", d["negative_prompt"])},
+        # The first frame: shown for presets that take one, and kept empty (an image is not a preset default).
+        "image": {"value": values.get("image"), "visible": preset.image is not None,
+                  "label": IMAGE_LABELS.get(preset.image, IMAGE_LABELS["required"])},
         "profile": {"value": profile, "choices": list(preset.profile_names), "info": profile_info(preset, profile)},
         "num_inference_steps": {"value": int(value("num_inference_steps", d["num_inference_steps"])), "step": 1,
                                 "info": f"{s_lo} to {s_hi}"},
@@ -96,6 +99,10 @@ def preset_form(preset: Preset, values: Mapping[str, Any] | None = None) -> dict
         shown = value(setting.name, getattr(profile_values, setting.name))
         form[setting.name] = {"value": setting.form_value(setting.resolve(shown))}
     return form
+
+
+IMAGE_LABELS = {"required": "First frame (image-to-video: required)",
+                "optional": "First frame (optional: the video starts from it)"}
 
 
 def profile_info(preset: Preset, profile: str | None) -> str:

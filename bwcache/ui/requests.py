@@ -61,7 +61,7 @@ def parse_thresholds(text: Any) -> list[float]:
             raise ValueError(f"Sweep thresholds: {_short(item)} is not a number; write δ values from {lo:g} to "
                              f"{hi:g} separated by commas.") from None
         if not math.isfinite(value) or not lo <= value <= hi:
-            raise ValueError(f"Sweep thresholds: δ = {str(item)[:40]} is outside the allowed range {lo:g} to {hi:g}.")
+            raise ValueError(f"Sweep thresholds: δ = {_short(item) if not isinstance(item, str) else item[:40]} is outside the allowed range {lo:g} to {hi:g}.")
         values.append(value)
     values = sorted(set(values))
     if len(values) > MAX_SWEEP_POINTS:
@@ -81,21 +81,23 @@ def parse_peer(value: Any) -> str | None:
 
 
 def check_seed(seed: Any, randomize: Any = False) -> int | None:
-    """The seed to use: a fresh one when `randomize` is True, None (the preset's) when left empty."""
+    """The seed to use: a fresh one when `randomize` is True, None (the preset's) when left empty. Only true and
+    false (or left out) say whether to randomize: "no", "yes" or 1 are refused, not read as true."""
+    randomize = False if randomize is None else randomize
     if not isinstance(randomize, bool):
         raise ValueError(f"Randomize seed must be true or false, got {_short(randomize)}.")
     if randomize:
         return secrets.randbelow(SEED_MAX + 1)
     seed = _whole("Seed", seed)
     if seed is not None and not 0 <= seed <= SEED_MAX:
-        raise ValueError(f"Seed = {seed} is outside the allowed range 0 to {SEED_MAX}.")
+        raise ValueError(f"Seed = {_short(seed)} is outside the allowed range 0 to {SEED_MAX}.")
     return seed
 
 
 def request_fields(preset: Preset) -> tuple[str, ...]:
     """The names a request may hold: the prompts, the seed, the profile, the generation settings and the cache
     settings the preset's form offers."""
-    return (*SETTING_KEYS, "seed", "profile", *(s.name for s in preset.settings.form))
+    return (*SETTING_KEYS, "image", "seed", "profile", *(s.name for s in preset.settings.form))
 
 
 def check_request(preset: Preset, **values: Any) -> dict:
@@ -117,6 +119,7 @@ def check_request(preset: Preset, **values: Any) -> dict:
                          f"{NEGATIVE_PROMPT_MAX_CHARS} are allowed.")
     request = {
         "prompt": values.get("prompt"),
+        "image": values.get("image"),
         "negative_prompt": negative_prompt,
         "seed": values.get("seed"),
         "profile": profile,
@@ -142,4 +145,4 @@ def request_config(preset: Preset, request: Mapping[str, Any]) -> BWCacheConfig:
 
 def resolved_settings(preset: Preset, request: Mapping[str, Any]) -> dict:
     """The generation settings a checked request resolves to (preset defaults filled in)."""
-    return resolve_settings(preset, **{key: request.get(key) for key in (*SETTING_KEYS, "seed")})
+    return resolve_settings(preset, **{key: request.get(key) for key in (*SETTING_KEYS, "image", "seed")})

@@ -71,6 +71,19 @@ def prune_runs(root: str | Path, keep: int, in_use: set[str] | frozenset = froze
     return removed
 
 
+def prune_cache(root: str | Path, keep: int) -> list[Path]:
+    """Delete the oldest entries of a file cache (Gradio's, where it copies each file it serves into a folder of
+    its own) beyond the newest `keep`, so that it grows no further than the run folders do."""
+    root = Path(root)
+    if keep < 1 or not root.is_dir():
+        return []
+    entries = sorted(root.iterdir(), key=lambda p: p.stat().st_mtime)
+    removed = entries[: max(0, len(entries) - keep)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return removed
+
+
 def max_runs(environ: Mapping[str, str]) -> int:
     """`BWCACHE_MAX_RUNS` (default 50): how many run folders the app keeps."""
     text = environ.get("BWCACHE_MAX_RUNS", "50")
@@ -96,7 +109,7 @@ def save_run(comparison, run_dir: str | Path) -> dict:
     return paths
 
 
-DOWNLOAD_ORDER = ("side_by_side", "baseline", "bwcache", "peer", "record", "trace_csv")
+DOWNLOAD_ORDER = ("side_by_side", "baseline", "bwcache", "peer", "input", "record", "trace_csv")
 
 
 def download_list(paths: Mapping[str, str]) -> list[str]:
@@ -146,7 +159,7 @@ def list_examples(root: str | Path, presets: Mapping[str, Preset] | None = None)
 def example_paths(folder: str | Path) -> dict:
     folder = Path(folder)
     names = {"baseline": "baseline.mp4", "bwcache": "bwcache.mp4", "side_by_side": "side_by_side.mp4",
-             "peer": "peer.mp4", "record": "run.json", "trace_csv": "trace.csv"}
+             "peer": "peer.mp4", "input": "input.png", "record": "run.json", "trace_csv": "trace.csv"}
     return {key: str(folder / name) for key, name in names.items() if (folder / name).is_file()}
 
 

@@ -170,7 +170,8 @@ def test_out_of_memory_is_a_clear_error_and_the_next_run_works(wan_app, monkeypa
 
 
 def test_compare_returns_videos_figure_summary_record_seed_and_files(wan_run):
-    baseline, cached, figure, summary, record, seed, peer, files, state = wan_run
+    baseline, cached, figure, summary, record, seed, peer, files, state, image = wan_run
+    assert image == {"__type__": "update", "value": None, "visible": False}  # a text-to-video run: no input image
     for path in (baseline, cached):
         info = probe_video(path)
         assert info["codec"] == "h264" and info["pix_fmt"] == "yuv420p" and info["n_frames"] == 5
@@ -376,7 +377,7 @@ def test_examples_load_instantly_from_their_files():
         assert out[2].data[0].type == "heatmap" and "Precomputed example" in out[3] and out[4] == record
         assert all(Path(p).is_relative_to(app.EXAMPLES_DIR) for p in out[7])
         # The controls show the example's own settings, so Run reproduces it.
-        form = dict(zip([key for key in ui.form_keys() if key != "seed"] + ["notes"], out[9:]))
+        form = dict(zip([key for key in ui.form_keys() if key != "seed"] + ["notes"], out[10:]))
         assert form["mode"]["value"] == record["config"]["mode"]
         assert form["num_inference_steps"]["value"] == record["settings"]["num_inference_steps"]
         assert form["threshold"]["value"] == record["config"]["threshold"]
@@ -476,7 +477,7 @@ def test_an_example_with_r_auto_reproduces_its_recorded_result(tmp_path, monkeyp
         pytest.skip("no precomputed example with R auto")
     record = example["record"]
     out = app.load_example(record["prompt"], record["preset"], record["config"]["threshold"], record["seed"])
-    form = dict(zip([key for key in ui.form_keys() if key != "seed"] + ["notes"], out[9:]))
+    form = dict(zip([key for key in ui.form_keys() if key != "seed"] + ["notes"], out[10:]))
     assert form["reuse_interval"]["value"] == "auto"
     monkeypatch.setattr(app, "OUTPUT_ROOT", tmp_path)
     settings = {key: form[key]["value"] for key in ("negative_prompt", "reuse_interval", "tail_fraction", "mode",

@@ -54,11 +54,14 @@ def test_a_run_that_reuses_nothing_says_why():
     from bwcache.report import no_reuse_hint, summary_markdown
     from bwcache.runner import run_comparison
 
-    # The preset's 6 warm-up and 2 tail steps leave no step to reuse in 8.
-    record = run_comparison("tiny-shapes", num_inference_steps=8, num_frames=8).record
+    # The preset's 6 warm-up and 2 tail steps leave no step to reuse in 8: said before the run, in the record.
+    with pytest.warns(UserWarning, match="with 8 steps, the 6 warm-up steps"):
+        record = run_comparison("tiny-shapes", num_inference_steps=8, num_frames=8).record
     assert record["reuse_fraction"] == 0
-    assert "with 8 steps, the 6 warm-up and 2 tail steps leave no step" in summary_markdown(record)
-    never = {**record, "config": {**record["config"], "mode": "paper"}, "trigger_steps": {"cond": None}}
+    expected = "with 8 steps, the 6 warm-up steps (warmup_steps) and the 2 tail steps (tail_steps) leave no step"
+    assert any(expected in note for note in record["warnings"]) and expected in summary_markdown(record)
+    never = {**record, "config": {**record["config"], "mode": "paper", "reuse_interval": 1},
+             "trigger_steps": {"cond": None}}
     assert "the indicator never fell below δ=0.3" in no_reuse_hint(never)
     assert no_reuse_hint({**record, "reuse_fraction": 0.2}) is None
 
@@ -84,3 +87,18 @@ def test_a_speedup_far_below_the_ideal_gets_a_timing_note():
     assert "0.79× measured where the skipped work should give about 2.00×" in timing_note(record)
     assert timing_note({**record, "speedup": 1.8}) is None
     assert timing_note({**record, "reuse_fraction": 0.0}) is None
+
+
+def test_few_step_and_short_runs_are_said_before_they_run():
+    from bwcache import BWCacheConfig
+    from bwcache.guardrails import no_room, schedule_warnings
+
+    blockwise = BWCacheConfig(threshold=0.3, mode="blockwise", warmup_steps=2, tail_steps=1)
+    assert no_room(blockwise, 3) and not no_room(blockwise, 4)
+    assert no_room(BWCacheConfig(threshold=0.15, reuse_interval=3), 2)
+    assert not no_room(BWCacheConfig(threshold=0.0, mode="blockwise", warmup_steps=9), 4)  # δ = 0 reuses nothing anyway
+    few = schedule_warnings(blockwise, 6)
+    assert len(few) == 1 and "6 steps is a few-step run" in few[0] and "calibrate" in few[0]
+    tuned = schedule_warnings(blockwise, 12, tuned_steps=30)
+    assert len(tuned) == 1 and "tuned at 30 steps and this run has 12" in tuned[0]
+    assert schedule_warnings(blockwise, 30, tuned_steps=30) == []

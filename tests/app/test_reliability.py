@@ -81,10 +81,16 @@ def test_cancel_then_the_next_request_succeeds_and_nothing_is_written(server):
 def test_run_folders_are_bounded_oldest_first(server, monkeypatch):
     _, client = server
     monkeypatch.setattr(app, "MAX_RUNS", 2)
+    # Gradio's copies of the files it serves are bounded too: before each run the cache keeps its newest 6 entries,
+    # then the run adds its own (fewer than 12).
+    monkeypatch.setattr(app, "MAX_CACHED_FILES", 6)
+    cached = []
     for seed in range(4):
         client.predict(**{**SHORT, "seed": seed}, api_name="/compare")
+        cached.append(len(list(Path(app.demo.GRADIO_CACHE).iterdir())))
     kept = run_folders(app.OUTPUT_ROOT)
     assert [json.loads((p / "run.json").read_text())["seed"] for p in kept] == [2, 3]
+    assert max(cached[1:]) < 6 + 12, cached
 
 
 def test_a_large_upload_is_refused(server):

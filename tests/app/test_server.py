@@ -42,7 +42,8 @@ def client(tmp_path_factory):
 
 
 def check_outputs(result, frames: int):
-    baseline, cached, plot, summary, record, seed, peer, files = result
+    baseline, cached, plot, summary, record, seed, peer, files, image = result
+    assert image["value"] is None and image["visible"] is False  # no first frame was given: hidden
     for path in (baseline, cached):
         info = probe_video(path)
         assert info["codec"] == "h264" and info["pix_fmt"] == "yuv420p"
@@ -73,7 +74,8 @@ def test_api_lists_compare_with_its_named_parameters(client):
     assert {"prompt", "preset", "threshold", "seed"} <= set(params) and params[:4] == ["prompt", "preset", "threshold",
                                                                                        "seed"]
     assert all(p["parameter_has_default"] for p in named["/compare"]["parameters"])
-    assert len(named["/compare"]["returns"]) == 8
+    # Both videos, the heatmap, the summary, the record, the seed, the peer's video, the files, the input image.
+    assert len(named["/compare"]["returns"]) == 9
 
 
 def test_compare_over_http(client):
@@ -102,13 +104,25 @@ def test_compare_default_preset_over_http(client):
         # Not rounded on the way in: the app's own check sees the number as sent.
         ({"prompt": "a cat", "num_inference_steps": 4.5}, "must be a whole number, got 4.5"),
         ({"prompt": "a cat", "seed": 1.5}, "1.5"),
+        # Only true or false randomizes (or not): text and numbers are refused, not read as true.
+        ({"prompt": "a cat", "randomize_seed": "no"}, "Randomize seed must be true or false, got 'no'"),
+        ({"prompt": "a cat", "randomize_seed": 1}, "Randomize seed must be true or false, got 1"),
+        # Menus: a value not among the choices is named by the field, not by Gradio.
+        ({"prompt": "a cat", "preset": "nope"}, "Model preset must be one of"),
+        ({"prompt": "a cat", "profile": "turbo"}, "Profile must be one of default, fast"),
+        ({"prompt": "a cat", "mode": "turbo"}, "Mode must be one of paper, blockwise, static, got 'turbo'"),
+        ({"prompt": "a cat", "indicator_feature": "attn"}, "Indicator feature must be one of hidden_states, modulated"),
+        ({"prompt": "a cat", "compare_with": "teacache"}, "Compare against: unknown method 'teacache'"),
+        # A huge number or control characters come back short and escaped.
+        ({"prompt": "a cat", "seed": 10.0**308}, "Seed = 100000000000000001097906362944045541740… is outside"),
+        ({"prompt": "a cat", "mode": "a\x00b\x1b[31m"}, "got 'a\\x00b\\x1b[31m'"),
     ],
 )
 def test_bad_input_raises_and_the_server_keeps_serving(client, kwargs, message):
     request = {"preset": WAN, "threshold": 0.15, "seed": 0, **WAN_SMALL, **kwargs}
     with pytest.raises(AppError) as excinfo:
         client.predict(**request, api_name="/compare")
-    assert message in str(excinfo.value)
+    assert message in str(excinfo.value) and len(str(excinfo.value)) < 600
 
 
 def test_unavailable_model_raises_and_a_good_request_works_after(client):

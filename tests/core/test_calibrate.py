@@ -288,7 +288,7 @@ def test_the_command_line_refuses_bad_arguments_before_any_model_work(tmp_path, 
         (["--target-psnr", "30", "--budget", "0", "--out", out], "--budget must be a whole number of cached "
                                                                   "generations from 1 to 100, got 0"),
         (["--target-psnr", "30", "--prompt-file", str(tmp_path / "nope.txt"), "--out", out], "does not exist"),
-        (["--target-psnr", "30", "--prompt-file", str(empty), "--out", out], "holds no prompt"),
+        (["--target-psnr", "30", "--prompt-file", str(empty), "--out", out], "holds no line"),
         (["--target-psnr", "30", "--prompt-file", str(words), "--out", out], "line 1 of"),
         (["--target-psnr", "30", "--out", str(existing)], "Refusing to overwrite"),
         (["--target-psnr", "30", "--out", str(blocker / "p.json")], f"cannot be created: {blocker} is a file"),

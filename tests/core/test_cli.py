@@ -70,8 +70,25 @@ def test_bad_outputs_devices_and_ranges_are_refused_before_any_model_work(tmp_pa
         (["--steps", "4", "--reuse-interval", "9"], "R (reuse interval) = 9 is more than the 4 steps"),
         (["--profile", "turbo"], "Profile must be one of default, fast"),
         (["--extrapolation", "2"], "Extrapolation = 2 is outside the allowed range 0 to 1"),
+        # Folders that cannot be made or written, as root too (the kernel's file systems refuse).
+        (["--out-dir", "/proc/bwcache-run"], "--out-dir /proc/bwcache-run cannot be written"),
+        (["--json", "/sys/bwcache/run.json"], "--json /sys/bwcache/run.json cannot be written"),
+        (["--seed", str(10**308)], "got 100000000000000000000000000000000000000…"),
     ]
     for arguments, message in cases:
         assert bwcache_cli.main(["compare", *arguments]) == 2, arguments
+        error = capsys.readouterr().err
+        assert message in error and len(error) < 600, arguments
+    bench_cases = [
+        (["--out", str(blocker)], "--out " + str(blocker) + " is a file; give a folder"),
+        (["--out", "/proc/bwcache-bench"], "--out /proc/bwcache-bench cannot be written"),
+        (["--markdown", "/sys/bwcache.md"], "--markdown /sys/bwcache.md cannot be written"),
+        (["--prompt-file", str(tmp_path / "missing.txt")], "missing.txt does not exist"),
+        (["--prompt-file", str(blocker)], "holds no line"),
+    ]
+    for arguments, message in bench_cases:
+        assert bwcache_cli.main(["bench", "--methods", "bw-default", *arguments]) == 2, arguments
         assert message in capsys.readouterr().err, arguments
+    # Probing a new output folder leaves nothing behind.
+    assert bwcache_cli.main(["compare", "--out-dir", str(tmp_path / "new" / "run"), "--frames", "99"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -155,7 +155,20 @@ def test_the_command_line_prints_the_plan_as_json_and_refuses_before_loading():
     assert plan["fits"] is True and plan["gpu_memory_bytes"] == 80 * GB
     assert math.isclose(plan["total_bytes_peak"], plan["weights_bytes"] + plan["activation_bytes"]
                         + max(plan["cache_bytes_peak"], plan["map_bytes_peak"]))
-    # A run that cannot fit is refused with the numbers, before any model is loaded (no GPU here: the preset's).
-    done = subprocess.run([sys.executable, "-m", "bwcache", "compare", "--preset", "wan2.1-t2v-1.3b", "--frames", "81",
-                           "--height", "832", "--width", "832"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "needs about" in done.stderr and "Use fewer frames" in done.stderr
+    # A run that cannot fit says so, with the numbers and what to change (exit status 1).
+    done = subprocess.run([sys.executable, "-m", "bwcache", "plan", "--preset", "wan2.1-t2v-1.3b", "--frames", "81",
+                           "--gpu-memory-gb", "12"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "does NOT fit" in done.stdout and "Use fewer frames" in done.stdout
+
+
+def test_the_app_refuses_a_run_that_will_not_fit_before_loading_a_model(monkeypatch):
+    import gradio as gr
+
+    import app
+
+    loaded = []
+    monkeypatch.setattr(app, "_gpu_memory_gb", lambda: 12.0)
+    monkeypatch.setattr(app, "_run_comparison", lambda *args, **kwargs: loaded.append(args))
+    with pytest.raises(gr.Error, match=r"wan2.1-t2v-1.3b at 81 frames of 832×480 needs about .* more than the GPU's 12 GB"):
+        app.compare("a cat", "wan2.1-t2v-1.3b", 0.15, 0, num_frames=81, height=480, width=832)
+    assert not loaded
