@@ -460,8 +460,9 @@ def run_sweep(
     cancel=None,
     **overrides,
 ) -> dict:
-    """The cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ. The other
-    settings as `run_comparison` takes them (a given `threshold` is the sweep's to set)."""
+    """The cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ, each row's
+    `timing_flag` saying whether its speedup is far from the ideal one (`timing_flag`). The other settings as
+    `run_comparison` takes them (a given `threshold` is the sweep's to set)."""
     preset = resolve_preset(preset)
     overrides.pop("threshold", None)
     settings, base = resolve_run(preset, prompt, seed, config, profile, **overrides)
@@ -491,6 +492,7 @@ def run_sweep(
                 **_quality(baseline_frames, frames, device),
                 "reuse_fraction": reuse,
                 "ideal_speedup": ideal_speedup(reuse, block_share),
+                "timing_flag": timing_flag(baseline_seconds / seconds, ideal_speedup(reuse, block_share), reuse),
                 "trigger_steps": {n: b["trigger_step"] for n, b in handle.trace.to_dict()["branches"].items()},
             }
         )
