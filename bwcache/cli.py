@@ -122,6 +122,8 @@ def build_parser(settings: Settings = CACHE_SETTINGS) -> argparse.ArgumentParser
                            help="most cached generations to run (default 12; the uncached pilots and timing runs "
                            "come on top)")
     calibrate.add_argument("--seed", type=int, help="seed of the first prompt (the next ones count up)")
+    calibrate.add_argument("--image", type=Path, help="first frame (PNG, JPEG or WebP) for presets that take one; "
+                           "every calibration prompt starts from it")
     calibrate.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
     calibrate.add_argument("--frames", type=int, dest="num_frames", help="number of frames")
     calibrate.add_argument("--height", type=int)
@@ -286,12 +288,17 @@ def _calibrate_preflight(args):
     if args.device:
         _check_device(args.device)
     preset = resolve_preset(args.preset)
-    prompts = read_lines(args.prompt_file, "--prompt-file") if args.prompt_file else calibration_prompts(preset, args.budget)
-    generation = {key: getattr(args, key) for key in SETTING_KEYS if getattr(args, key, None) is not None}
+    if args.prompt_file:
+        prompts = read_lines(args.prompt_file, "--prompt-file")
+    else:
+        prompts = calibration_prompts(preset, args.budget)
+    generation = {key: getattr(args, key) for key in (*SETTING_KEYS, "image") if getattr(args, key, None) is not None}
+    settings = resolve_settings(preset, seed=args.seed, **generation)  # the settings and the image, checked once
+    per_prompt = {key: value for key, value in generation.items() if key != "image"}
     for k, prompt in enumerate(prompts):
         where = f"line {k + 1} of {args.prompt_file}" if args.prompt_file else "the preset's prompt"
         try:
-            settings = resolve_settings(preset, prompt=prompt, seed=args.seed, **generation)
+            resolve_settings(preset, prompt=prompt, seed=args.seed, **per_prompt)
             _check_tiny_prompt(preset, prompt)
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None

@@ -20,7 +20,8 @@ from ..instruments import ForwardTimer, block_timer, peak_tensor_bytes, pipeline
 from ..metrics import compare_videos
 from ..pipelines import default_device, device_name, get_pipeline
 from ..presets import is_profile_file
-from ..runner import check_prompt, generate, profile_warnings, resolve_config, resolve_preset, resolve_settings
+from ..runner import (check_prompt, generate, profile_warnings, resolve_config, resolve_preset, resolve_settings,
+                      timing_flag)
 from .methods import Method
 
 # Overheads are measured on the first few prompts only: they vary little between prompts.
@@ -167,6 +168,7 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
                 "psnr_min": min(data["psnr"]),
                 "ssim": float(np.mean(data["ssim"])),
                 "skipped": float(np.mean(data["skipped"])),
+                **_timing_check(statistics.median(data["speedup"]), float(np.mean(data["skipped"]))),
             }
         )
     memory = memory_overhead(pipe, preset, resolve_settings(preset, prompt=prompts[0], seed=seed), device)
@@ -198,6 +200,13 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
         },
         "seconds_total": time.perf_counter() - started,
     }
+
+
+def _timing_check(speedup: float, skipped: float) -> dict:
+    """The speedup the skipped compute gives (total FLOPs over the row's FLOPs) and whether the measured median is far
+    from it in either direction (`runner.timing_flag`)."""
+    ideal = 1.0 / (1.0 - skipped) if skipped < 1 else None
+    return {"ideal_speedup": ideal, "timing_flag": timing_flag(speedup, ideal, skipped)}
 
 
 def _not_applicable(method: Method, methods: list[Method], pipe, preset, settings) -> str | None:

@@ -28,17 +28,18 @@ def calibrate_preset(preset: str | Preset = "tiny-shapes", prompts: list[str] | 
                      budget: int = DEFAULT_BUDGET, seed: int | None = None, profile: str | None = None,
                      device: str | None = None, pipe=None, progress=None, cancel=None, **overrides) -> Calibration:
     """`calibrate` on a preset's pipeline (loaded once, as the runner loads it) with its generation settings
-    (`overrides`: `num_inference_steps=`, `height=`, … as in `run_comparison`) and its calibration prompts
-    (`calibration_prompts`) unless `prompts` are given. Candidates keep the storage and token stride of the preset's
-    `profile`. Prompts, settings, targets and budget are checked before any model work."""
+    (`overrides`: `num_inference_steps=`, `height=`, `image=` (a first frame), … as in `run_comparison`) and its
+    calibration prompts (`calibration_prompts`) unless `prompts` are given. Candidates keep the storage and token
+    stride of the preset's `profile`. Prompts, settings, targets and budget are checked before any model work."""
     check_targets(target_psnr, target_speedup, budget)
     preset = resolve_preset(preset)
     prompts = list(prompts) if prompts is not None else calibration_prompts(preset, budget)
     if not prompts:
         raise ValueError("No calibration prompts: give at least one.")
-    generation = {key: overrides.pop(key) for key in SETTING_KEYS if key in overrides}
+    generation = {key: overrides.pop(key) for key in (*SETTING_KEYS, "image") if key in overrides}
     if overrides:
-        raise ValueError(f"Unknown setting(s) {sorted(overrides)}; generation settings are {', '.join(SETTING_KEYS)}.")
+        raise ValueError(f"Unknown setting(s) {sorted(overrides)}; generation settings are "
+                         f"{', '.join(SETTING_KEYS)}, image.")
     generation.pop("prompt", None)
     settings = [resolve_settings(preset, prompt=p, seed=seed, **generation) for p in prompts]
     first = settings[0]

@@ -294,6 +294,7 @@ def test_the_command_line_refuses_bad_arguments_before_any_model_work(tmp_path, 
         (["--target-psnr", "30", "--out", str(blocker / "p.json")], f"cannot be created: {blocker} is a file"),
         (["--target-psnr", "30", "--out", str(tmp_path / "p.txt")], "a profile file's name ends in .json"),
         (["--target-psnr", "30", "--steps", "500", "--out", out], "Steps = 500 is outside the allowed range"),
+        (["--target-psnr", "30", "--image", str(words), "--out", out], "error: Image: Tiny Shapes (embedded, runs on CPU) takes no image"),
     ]
     for arguments, message in cases:
         assert cli.main(["calibrate", *arguments]) == 2, arguments
@@ -339,3 +340,16 @@ def test_the_sweep_table_says_when_a_speedup_is_far_from_the_ideal():
     table = ui.sweep_table(result)
     assert len(ui.SWEEP_HEADERS) == len(table[0]) and ui.SWEEP_HEADERS[-1] == "timing"
     assert table[0][-1].startswith("far above the ideal") and table[1][-1] == ""
+
+
+def test_bench_rows_flag_speedups_far_from_their_skipped_compute():
+    from bwcache.bench.report import timing_lines
+    from bwcache.bench.run import _timing_check
+
+    assert _timing_check(3.0, 0.5) == {"ideal_speedup": 2.0, "timing_flag": "above_ideal"}
+    assert _timing_check(1.2, 0.5)["timing_flag"] == "below_ideal" and _timing_check(1.9, 0.5)["timing_flag"] is None
+    rows = [{"label": "fast", "speedup": 3.0, **_timing_check(3.0, 0.5)},
+            {"label": "fine", "speedup": 1.9, **_timing_check(1.9, 0.5)}]
+    text = timing_lines(rows)
+    assert "fast: 3.00× against about 2.00×" in text and "overstated" in text and "fine" not in text
+    assert timing_lines(rows[1:]) == ""
