@@ -15,6 +15,7 @@ Measured on the embedded model (`benchmarks/calibration_proxy.py`: 34 candidates
 proxy ranks real runs' PSNR with a Spearman correlation of 0.94 (compute skipped alone: 0.75; without the
 extrapolation's correction 0.81), and PSNR ≈ a − 18.6 · log10(proxy) with a residual spread of 2.3 dB: good enough to
 choose which few candidates to run, not to promise a PSNR, which only the runs measure.
+These figures are from one run of that script; its results file is not in benchmarks/results/ yet.
 
 The candidates span the three modes and their knobs; settings counted in steps (warm-up, tail, R) are chosen as
 fractions of the step count, so that a profile made at one step count scales to another (`bwcache.calibrate.profile`).
