@@ -12,6 +12,8 @@ from .config import BWCacheConfig
 from .parallel import enable_context_parallel
 from .plan import plan_memory
 from .apply import BWCacheHandle, apply_bwcache, cached, get_bwcache_handle, remove_bwcache
+# `bwcache.calibrate` is the function; its module is `bwcache.calibrate.core` (import from `bwcache.calibrate`).
+from .calibrate import Calibration, calibrate
 from .schedule import estimate_blockwise_schedule, paper_schedule, predict_schedule
 from .trace import Trace, summarize
 
@@ -20,9 +22,11 @@ __version__ = package_version()
 __all__ = [
     "BWCacheConfig",
     "BWCacheHandle",
+    "Calibration",
     "Trace",
     "apply_bwcache",
     "cached",
+    "calibrate",
     "enable_context_parallel",
     "estimate_blockwise_schedule",
     "get_bwcache_handle",

@@ -63,6 +63,7 @@ __all__ = [
     "list_presets",
     "preset_names",
     "frames_rule_ok",
+    "is_profile_file",
 ]
 
 PRESETS_DIR = resources.PRESETS_DIR
@@ -206,12 +207,19 @@ class Preset:
         return (DEFAULT_PROFILE, *self.profiles)
 
     def profile_note(self, profile: str | None) -> str:
+        """One line about a profile: a built-in one's note, or a profile file's target and measured figures."""
+        if is_profile_file(profile):
+            return _profile_files().read_profile(profile).note()
         profile = profile or DEFAULT_PROFILE
         self.profile_settings(profile)
         return "the preset's default cache settings" if profile == DEFAULT_PROFILE else self.profiles[profile]["note"]
 
-    def profile_settings(self, profile: str | None = None) -> dict:
-        """The BWCache settings of a profile: the bwcache section, with the profile's changes."""
+    def profile_settings(self, profile: str | None = None, num_steps: int | None = None) -> dict:
+        """The BWCache settings of a profile: the bwcache section, with the profile's changes. `profile` may also be
+        a path to a profile file (`python -m bwcache calibrate`): its settings, those counted in steps scaled to
+        `num_steps` when it differs from the step count the file was calibrated at."""
+        if is_profile_file(profile):
+            return _profile_files().read_profile(profile).settings_for(num_steps)
         profile = profile or DEFAULT_PROFILE
         if profile not in self.profile_names:
             raise ValueError(f"Profile {short_repr(profile)} is not one of {self.label}'s profiles: {', '.join(self.profile_names)}.")
@@ -310,6 +318,18 @@ class Preset:
 _REQUEST_FIELDS = ("prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale")
 # The fields as the app labels them, for messages.
 _LABELS = {"height": "Height", "width": "Width"}
+
+
+def is_profile_file(profile: Any) -> bool:
+    """Whether a `profile` names a profile file (a path ending in .json) rather than one of a preset's profiles."""
+    return _profile_files().is_profile_path(profile)
+
+
+def _profile_files():
+    # Imported when used: the profile-file format lives with the calibration, which imports the runner (and this).
+    from .calibrate import profile
+
+    return profile
 
 
 def size_class(height: int, width: int, names=tuple(SIZE_CLASSES)) -> str:

@@ -31,8 +31,10 @@ def _trigger_text(trigger_steps: dict) -> str:
 
 def summary_markdown(record: dict) -> str:
     """The headline of a run record, as Markdown."""
+    spread = (f" (median of {len(record['speedup_runs'])} timed pairs, range {record['speedup_min']:.2f}–"
+              f"{record['speedup_max']:.2f}×)" if record.get("speedup_runs") else "")
     lines = [
-        f"**{record['speedup']:.2f}× speedup** — uncached {record['baseline_seconds']:.2f} s, "
+        f"**{record['speedup']:.2f}× speedup**{spread} — uncached {record['baseline_seconds']:.2f} s, "
         f"BWCache {record['bwcache_seconds']:.2f} s on {record['device']}",
         "",
         f"- Reuse: {record['reuse_fraction']:.1%} of block evaluations skipped; trigger step "
@@ -47,7 +49,8 @@ def summary_markdown(record: dict) -> str:
     image = image_text(record)
     if image:
         lines.append(f"- {image}")
-    for hint in (*record.get("warnings", ()), no_reuse_hint(record), timing_note(record)):
+    for hint in (*record.get("warnings", ()), no_reuse_hint(record), timing_note(record),
+                 *(record.get("profile_warnings") or [])):
         if hint:
             lines.append(f"- {hint}")
     held = held_memory_text(record["trace"])
@@ -70,13 +73,16 @@ def summary_markdown(record: dict) -> str:
 
 def summary_text(record: dict) -> str:
     """The headline and the cache's own account, as plain text for a terminal."""
+    spread = (f" (median of {len(record['speedup_runs'])} pairs, range {record['speedup_min']:.2f}–"
+              f"{record['speedup_max']:.2f}×)" if record.get("speedup_runs") else "")
     head = (
         f"{record['model']}: uncached {record['baseline_seconds']:.2f} s, BWCache {record['bwcache_seconds']:.2f} s, "
-        f"{record['speedup']:.2f}× speedup, {record['reuse_fraction']:.1%} of block evaluations skipped, "
+        f"{record['speedup']:.2f}× speedup{spread}, {record['reuse_fraction']:.1%} of block evaluations skipped, "
         f"{_quality_text(record)} ({record['device']})"
     )
-    image = image_text(record)
-    return head + ("\n" + image if image else "") + "\n" + summarize(record["trace"])
+    notes = [note for note in (image_text(record), timing_note(record), *(record.get("profile_warnings") or []))
+             if note]
+    return "\n".join([head, *notes, summarize(record["trace"])])
 
 
 def save_comparison(comparison, out_dir: str | Path, fps: int | None = None, overwrite: bool = False) -> dict:
@@ -158,10 +164,23 @@ def no_reuse_hint(record: dict) -> str | None:
 
 
 def timing_note(record: dict) -> str | None:
-    """A caveat when the measured speedup falls well short of what the skipped work should give: the two runs were
-    timed one after the other, and a busy or shared machine slows either (None when they agree)."""
+    """A caveat when the measured speedup is far from what the skipped work should give, in either direction (None
+    when they agree): far below, the cache's own work or other work on the machine slowed the cached run; far above,
+    something slowed the uncached run (another process sharing the CPU or GPU). The record's `timing_flag` says
+    which; a record without one is judged from its speedups."""
+    from .runner import timing_flag
+
     ideal, speedup = record.get("ideal_speedup"), record["speedup"]
-    if not ideal or record["reuse_fraction"] == 0 or speedup >= 0.8 * ideal:
+    flag = record.get("timing_flag", timing_flag(speedup, ideal, record["reuse_fraction"]))
+    if not flag:
         return None
-    return (f"Timing note: {speedup:.2f}× measured where the skipped work should give about {ideal:.2f}×. The runs are "
-            "timed one after the other, and other work on the machine slows either; run again to compare.")
+    runs = record.get("speedup_runs")
+    timed = (f"the median of {len(runs)} timed pairs (range {record['speedup_min']:.2f}–{record['speedup_max']:.2f}×)"
+             if runs else "one uncached and one cached run, timed one after the other")
+    if flag == "below_ideal":
+        return (f"Timing note: {speedup:.2f}× measured where the skipped work should give about {ideal:.2f}×. The "
+                f"figure is {timed}; the cache's own work, or other work on the machine during the cached run, slows "
+                "it. Run again (python -m bwcache compare --timing-repeats 3) to compare.")
+    return (f"Timing note: {speedup:.2f}× measured, more than the skipped work can give (about {ideal:.2f}×). The "
+            f"figure is {timed}; something slowed the uncached run (another process sharing the CPU or GPU), so "
+            "the speedup is overstated. Run again on a quiet machine, or with --timing-repeats 3.")

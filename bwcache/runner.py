@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +28,8 @@ from .images import as_frame, fit_image, read_image
 from .metrics import compare_videos, psnr
 from .policies import distance_map_config
 from .pipelines import default_device, prepare_call, device_name, get_pipeline, pipeline_for
+from .calibrate.profile import is_profile_path, read_profile
+from .calibrate.profile import warn as warn_profile
 from .presets import DEFAULT_PROFILE, Preset, load_preset
 from .resources import package_version
 from .settings import short_repr
@@ -101,15 +104,54 @@ def _first_frame(preset: Preset, image, settings: dict):
     return fit_image(read_image(image), settings["width"], settings["height"])
 
 
-def resolve_config(preset: Preset, num_steps: int, profile: str | None = None, **overrides) -> BWCacheConfig:
+def resolve_config(preset: Preset, num_steps: int, profile: str | None = None, request: dict | None = None,
+                   **overrides) -> BWCacheConfig:
     """The cache settings of one of the preset's profiles (its default when None) with overrides, as a config for
-    `num_steps` steps; an override may say a setting's `none_word` (`reuse_interval="auto"`: 10% of the steps)."""
-    values = preset.profile_settings(profile)
+    `num_steps` steps; an override may say a setting's `none_word` (`reuse_interval="auto"`: 10% of the steps).
+
+    `profile` may be a path to a profile file (`python -m bwcache calibrate`, `Calibration.save`): its settings,
+    those counted in steps scaled to `num_steps`. Used at another step count, size or model than it was measured
+    for, it warns (`ProfileMismatchWarning`, naming the differences: `profile_warnings` gives them as a list);
+    `request` holds the generation settings it is compared with (height, width, num_frames, guidance_scale)."""
+    values = preset.profile_settings(profile, num_steps)
+    if is_profile_path(profile):
+        warn_profile(profile_warnings(preset, profile, {**(request or {}), "num_inference_steps": num_steps}))
     for name, value in overrides.items():
         if value is not None:
             values[name] = preset.settings[name].resolve(value) if name in preset.settings else value
     values["num_inference_steps"] = num_steps
     return preset.settings.make(values)
+
+
+def tuned_steps(preset: Preset, profile) -> int | None:
+    """The step count a profile's settings were tuned at: a profile file's calibration steps, else the preset's
+    default step count."""
+    if is_profile_path(profile):
+        return read_profile(profile).setting.get("num_inference_steps")
+    return preset.defaults["num_inference_steps"]
+
+
+def profile_warnings(preset: Preset, profile, settings: dict) -> list[str]:
+    """What to say when a profile file is used with `preset` and generation `settings` (steps, size, frames,
+    guidance): the differences from the setting it was calibrated for, and a target it missed. Empty for a
+    built-in profile."""
+    if not is_profile_path(profile):
+        return []
+    return read_profile(profile).warnings_for(preset_setting(preset, settings))
+
+
+def preset_setting(preset: Preset, settings: dict) -> dict:
+    """A run's setting in the terms of a profile file (`bwcache.calibrate.profile.SETTING_LABELS`)."""
+    model = preset.model
+    return {
+        "preset": preset.name,
+        "transformer_class": model.get("transformer_class"),
+        "transformer_config": dict(model["transformer"]) if model.get("transformer") else None,
+        "pipeline_class": (preset.pipeline_class or "").rsplit(".", 1)[-1] or None,
+        "dtype": preset.dtype,
+        **{key: settings.get(key) for key in ("num_inference_steps", "height", "width", "num_frames",
+                                               "guidance_scale")},
+    }
 
 
 def resolve_run(preset: Preset, prompt=None, seed=None, config: BWCacheConfig | None = None,
@@ -119,7 +161,8 @@ def resolve_run(preset: Preset, prompt=None, seed=None, config: BWCacheConfig | 
     generation = {key: overrides.pop(key) for key in (*SETTING_KEYS, "image") if key in overrides}
     settings = resolve_settings(preset, prompt=prompt, seed=seed, **generation)
     if config is None:
-        return settings, resolve_config(preset, settings["num_inference_steps"], profile=profile, **overrides)
+        return settings, resolve_config(preset, settings["num_inference_steps"], profile=profile, request=settings,
+                                        **overrides)
     if profile is not None or any(value is not None for value in overrides.values()):
         raise ValueError("Give a config, or a profile and the cache settings that change it, not both.")
     if not isinstance(config, BWCacheConfig):
@@ -173,6 +216,23 @@ class _Stages:
         return report
 
 
+# A measured speedup below this share of the ideal one, or above its inverse, is flagged (`timing_flag`).
+TIMING_LOW, TIMING_HIGH = 0.8, 1.25
+
+
+def timing_flag(speedup: float | None, ideal: float | None, reuse: float) -> str | None:
+    """"below_ideal" or "above_ideal" when a measured speedup is far from what the skipped compute should give
+    (below 0.8× or above 1.25× the ideal), else None. Far below: the cache's own work, or something slowing the
+    cached run; far above: something slowed the uncached run (another process on the CPU or GPU)."""
+    if not ideal or not speedup or reuse <= 0:
+        return None
+    if speedup < TIMING_LOW * ideal:
+        return "below_ideal"
+    if speedup > TIMING_HIGH * ideal:
+        return "above_ideal"
+    return None
+
+
 def json_number(value: float | None) -> float | None:
     """JSON has no infinity or NaN: those become null (an infinite PSNR means identical videos)."""
     if value is None or not math.isfinite(value):
@@ -219,6 +279,7 @@ def run_comparison(
     progress: Progress | None = None,
     context_parallel: str | None = None,
     cancel=None,
+    timing_repeats: int = 1,
     **overrides,
 ) -> Comparison:
     """Run `prompt` without and with BWCache on the preset's model and return the run record and both videos.
@@ -232,9 +293,17 @@ def run_comparison(
     `context_parallel` (one of `bwcache.parallel.KINDS`) shards the denoisers over all processes of an initialised
     `torch.distributed` group (`bwcache.parallel.init_distributed()`); every process calls this function.
     `cancel` (a `threading.Event`) stops the run at the end of the step under way once set: `RunCancelled`.
+    `timing_repeats` times the uncached and cached generations that many times, alternating (uncached, cached,
+    uncached, …): the record's seconds are then medians, its speedup the median of the pairs' speedups, with
+    `speedup_min`, `speedup_max` and every pair in `speedup_runs` (1, the default, times one pair).
+    `profile` may be a path to a profile file (`resolve_config`); the record's `profile_warnings` says where it does
+    not fit the run.
     """
+    if isinstance(timing_repeats, bool) or not isinstance(timing_repeats, int) or not 1 <= timing_repeats <= 20:
+        raise ValueError(f"timing_repeats must be a whole number from 1 to 20, got {timing_repeats!r}.")
     preset = resolve_preset(preset)
     settings, config = resolve_run(preset, prompt, seed, config, profile, **overrides)
+    warnings_for_profile = profile_warnings(preset, profile, settings)
     steps = settings["num_inference_steps"]
     if compare_with is not None:
         peers.check_method(compare_with)
@@ -255,6 +324,9 @@ def run_comparison(
             raise ValueError(reason)
 
     names = ["warm-up and distance map", "uncached", "BWCache"]
+    for k in range(2, timing_repeats + 1):
+        names += [f"uncached (timing {k}/{timing_repeats})", f"BWCache (timing {k}/{timing_repeats})"]
+    first_peer = len(names)
     if compare_with is not None:
         names += [f"{peers.METHODS[compare_with]} calibration"] * (compare_with == "magcache")
         names.append(peers.METHODS[compare_with])
@@ -266,16 +338,23 @@ def run_comparison(
     with cached(pipe, config) as handle:
         cached_frames, cached_seconds = generate(pipe, preset, settings, device, stages.reporter(2))
     trace = handle.trace.to_dict()
+    pairs = [(baseline_seconds, cached_seconds)]
+    for k in range(1, timing_repeats):
+        _, plain = generate(pipe, preset, settings, device, stages.reporter(1 + 2 * k))
+        with cached(pipe, config):
+            _, seconds = generate(pipe, preset, settings, device, stages.reporter(2 + 2 * k))
+        pairs.append((plain, seconds))
+    timing = timing_figures(pairs)
     peer_entry, peer_frames = None, None
     if compare_with is not None:
         peer_frames, peer_seconds = run_peer(
-            compare_with, pipe, preset, settings, device, [stages.reporter(k) for k in range(3, len(names))]
+            compare_with, pipe, preset, settings, device, [stages.reporter(k) for k in range(first_peer, len(names))]
         )
         peer_entry = {
             "method": compare_with,
             "label": peers.METHODS[compare_with],
             "seconds": peer_seconds,
-            "speedup": baseline_seconds / peer_seconds,
+            "speedup": timing["baseline_seconds"] / peer_seconds,
             **_quality(baseline_frames, peer_frames, device),
         }
 
@@ -289,17 +368,18 @@ def run_comparison(
         "settings": {key: settings[key] for key in SETTING_KEYS[2:] + ("fps",)},
         "device": device_name(device) if sharded is None else f"{sharded['processes']} × {device_name(device)}",
         "context_parallel": sharded,
-        "baseline_seconds": baseline_seconds,
-        "bwcache_seconds": cached_seconds,
-        "speedup": baseline_seconds / cached_seconds,
+        **timing,
         **_quality(baseline_frames, cached_frames, device),
         "image": first_frame_record(settings, baseline_frames, cached_frames, peer_frames),
-        "warnings": schedule_warnings(config, steps, preset.defaults["num_inference_steps"]),
+        "warnings": schedule_warnings(config, steps, tuned_steps(preset, profile)),
         "reuse_fraction": reuse_fraction(trace),
         "block_share": block_share,
         "ideal_speedup": ideal_speedup(reuse_fraction(trace), block_share),
+        "timing_flag": timing_flag(timing["speedup"], ideal_speedup(reuse_fraction(trace), block_share),
+                                   reuse_fraction(trace)),
         "trigger_steps": {name: branch["trigger_step"] for name, branch in trace["branches"].items()},
-        "profile": profile or DEFAULT_PROFILE,
+        "profile": str(profile) if profile is not None else DEFAULT_PROFILE,
+        "profile_warnings": warnings_for_profile,
         "config": config.to_dict(),
         "trace": trace,
         "baseline_trace": baseline_trace,
@@ -324,6 +404,23 @@ def first_frame_record(settings: dict, *videos) -> dict | None:
         "note": settings.get("image_note"),
         "first_frame_psnr": {name: json_number(psnr(video[0], frame)) for name, video in zip(names, videos)
                              if video is not None},
+    }
+
+
+def timing_figures(pairs: list[tuple[float, float]]) -> dict:
+    """A run record's timing from (uncached, cached) seconds of each timed pair: one pair as it is; several as
+    medians, the speedup the median of the pairs' speedups, with its range and every pair (`speedup_runs`)."""
+    if len(pairs) == 1:
+        plain, seconds = pairs[0]
+        return {"baseline_seconds": plain, "bwcache_seconds": seconds, "speedup": plain / seconds}
+    speedups = [plain / seconds for plain, seconds in pairs]
+    return {
+        "baseline_seconds": statistics.median(p for p, _ in pairs),
+        "bwcache_seconds": statistics.median(c for _, c in pairs),
+        "speedup": statistics.median(speedups),
+        "speedup_min": min(speedups),
+        "speedup_max": max(speedups),
+        "speedup_runs": [{"baseline_seconds": p, "bwcache_seconds": c, "speedup": p / c} for p, c in pairs],
     }
 
 
@@ -363,8 +460,9 @@ def run_sweep(
     cancel=None,
     **overrides,
 ) -> dict:
-    """The cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ. The other
-    settings as `run_comparison` takes them (a given `threshold` is the sweep's to set)."""
+    """The cached pipeline at several δ against one uncached run: measured speedup, PSNR and SSIM per δ, each row's
+    `timing_flag` saying whether its speedup is far from the ideal one (`timing_flag`). The other settings as
+    `run_comparison` takes them (a given `threshold` is the sweep's to set)."""
     preset = resolve_preset(preset)
     overrides.pop("threshold", None)
     settings, base = resolve_run(preset, prompt, seed, config, profile, **overrides)
@@ -394,6 +492,7 @@ def run_sweep(
                 **_quality(baseline_frames, frames, device),
                 "reuse_fraction": reuse,
                 "ideal_speedup": ideal_speedup(reuse, block_share),
+                "timing_flag": timing_flag(baseline_seconds / seconds, ideal_speedup(reuse, block_share), reuse),
                 "trigger_steps": {n: b["trigger_step"] for n, b in handle.trace.to_dict()["branches"].items()},
             }
         )

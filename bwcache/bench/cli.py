@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per prompt (median taken)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", help="comma-separated method keys (default: all); see --list-methods")
+    parser.add_argument("--profile-file", type=Path,
+                        help="also run a profile file made by `python -m bwcache calibrate`, as method bw-calibrated")
     parser.add_argument("--list-methods", action="store_true")
     parser.add_argument("--device")
     parser.add_argument("--out", type=Path,
@@ -59,7 +61,12 @@ def run_from_args(args) -> int:
         for m in default_methods():
             print(f"{m.key:<22} {m.label}")
         return 0
-    methods = select_methods(args.methods)
+    profile_file = getattr(args, "profile_file", None)
+    if profile_file is not None:
+        from ..cli import check_profile_file
+
+        check_profile_file(profile_file)
+    methods = select_methods(args.methods, profile_file)
     if args.prompt_file:
         prompts = read_lines(args.prompt_file, "--prompt-file")
     else:

@@ -50,7 +50,8 @@ class Method:
 
     def enable(self, pipe, preset, settings, calibration):
         if self.kind == "bwcache":
-            config = resolve_config(preset, settings["num_inference_steps"], profile=self.profile, **self.params)
+            config = resolve_config(preset, settings["num_inference_steps"], profile=self.profile, request=settings,
+                                    **self.params)
             handle = apply_bwcache(pipe, config)
             return handle.remove, handle
         if self.kind == "steps":
@@ -142,16 +143,33 @@ def default_methods() -> list[Method]:
     return methods
 
 
-def select_methods(keys: str | None) -> list[Method]:
+# The row of a profile file (`--profile-file`).
+CALIBRATED = "bw-calibrated"
+
+
+def calibrated_method(profile_file) -> Method:
+    """The row of a profile file made by `python -m bwcache calibrate`: its settings, as `profile=` loads them."""
+    from pathlib import Path
+
+    return Method(CALIBRATED, f"BWCache calibrated profile ({Path(profile_file).name})", "bwcache", {},
+                  family="BWCache profiles", profile=str(profile_file))
+
+
+def select_methods(keys: str | None, profile_file=None) -> list[Method]:
     """The methods named in a comma-separated list (all when None), in table order; each "steps" row needs the row
-    whose compute it matches."""
+    whose compute it matches. With a `profile_file`, its row (`bw-calibrated`) comes after the preset's profiles,
+    whether or not the list names it."""
     methods = default_methods()
+    if profile_file is not None:
+        methods.insert(2, calibrated_method(profile_file))
     if keys:
         wanted = [k.strip() for k in keys.split(",") if k.strip()]
+        if CALIBRATED in wanted and profile_file is None:
+            raise ValueError(f"Method {CALIBRATED} runs a profile file: give it with --profile-file.")
         unknown = sorted(set(wanted) - {m.key for m in methods})
         if unknown:
             raise ValueError(f"Unknown method(s) {unknown}; see --list-methods.")
-        methods = [m for m in methods if m.key in wanted]
+        methods = [m for m in methods if m.key in wanted or m.key == CALIBRATED]
     chosen = {m.key for m in methods}
     for m in methods:
         if m.kind == "steps" and m.params["match"] not in chosen:

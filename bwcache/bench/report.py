@@ -26,6 +26,17 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
+def timing_lines(rows) -> str:
+    """A note on each row whose median speedup is far from what its skipped compute gives (empty when none is)."""
+    words = {"below_ideal": "below: the cache's own work or other load slowed its runs",
+             "above_ideal": "above: other load slowed the uncached runs, so it is overstated"}
+    flagged = [f"- {row['label']}: {row['speedup']:.2f}× against about {row['ideal_speedup']:.2f}× from the compute "
+               f"it skipped ({words[row['timing_flag']]})" for row in rows if row.get("timing_flag") in words]
+    if not flagged:
+        return ""
+    return "\nSpeedups far from what the skipped compute gives:\n" + "\n".join(flagged) + "\n"
+
+
 def pareto(rows):
     """Rows not beaten on both speedup and PSNR by another row."""
     points = [r for r in rows if r["speedup"] is not None and r["psnr"] is not None]
@@ -99,7 +110,7 @@ guidance {s['guidance_scale']}; {len(results['prompts'])} prompts × {results['r
 {results['uncached_seconds_median']:.2f} s (median). Total benchmark time {results['seconds_total'] / 60:.1f} min.
 
 {table}
-
+{timing_lines(results["rows"])}
 On the speed–PSNR Pareto frontier: {frontier}.
 
 ![speedup vs PSNR]({svg_path})

@@ -19,7 +19,9 @@ from ..config import BWCacheConfig
 from ..instruments import ForwardTimer, block_timer, peak_tensor_bytes, pipeline_weight_bytes, probe_flops, synchronize
 from ..metrics import compare_videos
 from ..pipelines import default_device, device_name, get_pipeline
-from ..runner import check_prompt, generate, resolve_config, resolve_preset, resolve_settings
+from ..presets import is_profile_file
+from ..runner import (check_prompt, generate, profile_warnings, resolve_config, resolve_preset, resolve_settings,
+                      timing_flag)
 from .methods import Method
 
 # Overheads are measured on the first few prompts only: they vary little between prompts.
@@ -155,6 +157,9 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
                 "family": m.group,
                 "threshold": m.params.get("threshold"),
                 "params": m.params,
+                **({"profile_file": m.profile,
+                    "profile_warnings": profile_warnings(preset, m.profile, resolve_settings(preset, prompt=prompts[0]))}
+                   if is_profile_file(m.profile) else {}),
                 **({"steps": steps_used[m.key]} if m.key in steps_used else {}),
                 "speedup": statistics.median(data["speedup"]),
                 "speedup_min": min(data["speedup"]),
@@ -163,6 +168,7 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
                 "psnr_min": min(data["psnr"]),
                 "ssim": float(np.mean(data["ssim"])),
                 "skipped": float(np.mean(data["skipped"])),
+                **_timing_check(statistics.median(data["speedup"]), float(np.mean(data["skipped"]))),
             }
         )
     memory = memory_overhead(pipe, preset, resolve_settings(preset, prompt=prompts[0], seed=seed), device)
@@ -196,6 +202,13 @@ def run_benchmark(preset_name, prompts, methods, repeats=3, seed=0, device=None,
     }
 
 
+def _timing_check(speedup: float, skipped: float) -> dict:
+    """The speedup the skipped compute gives (total FLOPs over the row's FLOPs) and whether the measured median is far
+    from it in either direction (`runner.timing_flag`)."""
+    ideal = 1.0 / (1.0 - skipped) if skipped < 1 else None
+    return {"ideal_speedup": ideal, "timing_flag": timing_flag(speedup, ideal, skipped)}
+
+
 def _not_applicable(method: Method, methods: list[Method], pipe, preset, settings) -> str | None:
     """Why a row is left out on this pipeline and preset (None when it runs)."""
     if method.kind in peers.UNAVAILABLE:
@@ -204,7 +217,7 @@ def _not_applicable(method: Method, methods: list[Method], pipe, preset, setting
         return None
     if method.kind != "bwcache":
         return peers.applicability(method.kind, pipe, settings)
-    if method.profile is not None and method.profile not in preset.profile_names:
+    if method.profile is not None and method.profile not in preset.profile_names and not is_profile_file(method.profile):
         return f"{preset.label} names no {method.profile} profile."
     parent = next((m for m in methods if m.key == method.parent), None)
     if parent is not None:

@@ -120,11 +120,11 @@ def sweep_csv(result: Mapping[str, Any]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["threshold", "seconds", "speedup", "ideal_speedup", "psnr", "ssim", "reuse_fraction",
-                     "identical", "baseline_seconds"])
+                     "identical", "baseline_seconds", "timing_flag"])
     for row in result["rows"]:
         writer.writerow([row["threshold"], row["seconds"], row["speedup"], row.get("ideal_speedup"),
                          "" if row["psnr"] is None else row["psnr"], row["ssim"], row["reuse_fraction"],
-                         int(row["identical"]), result["baseline_seconds"]])
+                         int(row["identical"]), result["baseline_seconds"], row.get("timing_flag") or ""])
     return buffer.getvalue()
 
 

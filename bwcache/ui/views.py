@@ -129,7 +129,10 @@ def tuning_view(source: Mapping[str, Any] | None, threshold: Any):
 
 
 SWEEP_HEADERS = ["δ", "seconds", "speedup ×", "ideal speedup ×", "PSNR dB", "SSIM", "reuse %", "identical",
-                 "trigger steps"]
+                 "trigger steps", "timing"]
+# What a row's timing flag says: its speedup is far from what the skipped compute gives (`runner.timing_flag`).
+TIMING_WORDS = {"below_ideal": "far below the ideal: the cache's own work or other load slowed the cached run",
+                "above_ideal": "far above the ideal: other load slowed the uncached run; overstated"}
 
 
 def _round(value, digits):
@@ -144,6 +147,7 @@ def sweep_table(result: Mapping[str, Any]) -> list[list]:
             row["threshold"], _round(row["seconds"], 3), _round(row["speedup"], 3), _round(row.get("ideal_speedup"), 3),
             "∞" if row["identical"] else _round(row["psnr"], 2), _round(row["ssim"], 4),
             _round(100 * row["reuse_fraction"], 1), row["identical"], triggers,
+            TIMING_WORDS.get(row.get("timing_flag"), ""),
         ])
     return rows
 
