@@ -15,10 +15,11 @@ def no_room(config: BWCacheConfig, num_steps: int) -> str | None:
     if config.threshold == 0:
         return None
     if config.mode == "paper":
-        # The earliest trigger is at step 1: if even that schedule computes every step, none ever reuses.
-        if all(config_schedule(config, 1, num_steps)):
+        # Whatever step the trigger falls on, its schedule computes every step: none ever reuses. (Each trigger
+        # step is tried: under the official tail rule a trigger at step 1 reuses nothing, a later one may.)
+        if all(all(config_schedule(config, k, num_steps)) for k in range(1, max(num_steps, 2))):
             return (f"with {num_steps} steps, paper mode's schedule (R={config.resolved_reuse_interval(num_steps)}, "
-                    f"its tail) computes every step even after the earliest trigger: nothing is reused")
+                    f"its tail) computes every step whatever step it triggers at: nothing is reused")
         return None
     first, end = max(config.warmup_steps, 1), num_steps - config.tail_steps
     if first >= end:

@@ -105,7 +105,7 @@ def default_methods() -> list[Method]:
     # The official code's decisions (BWCacheConfig.official): modulated feature, R = 3 steps, its tail rule.
     official = {"mode": "paper", "reuse_interval": 3, "indicator_feature": "modulated", "tail_rule": "official",
                 "tail_fraction": 0.5, "indicator_token_stride": 1}
-    for delta in (0.05, 0.1, 0.15):
+    for delta in (0.045, 0.05, 0.1, 0.15):
         methods.append(Method(f"bw-official-{delta:g}", f"BWCache official δ={delta:g}", "bwcache",
                               {**official, "threshold": delta}, family="BWCache official"))
     for r in (1, 2):

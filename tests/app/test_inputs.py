@@ -97,6 +97,10 @@ def test_few_step_and_short_runs_are_said_before_they_run():
     assert no_room(blockwise, 3) and not no_room(blockwise, 4)
     assert no_room(BWCacheConfig(threshold=0.15, reuse_interval=3), 2)
     assert not no_room(BWCacheConfig(threshold=0.0, mode="blockwise", warmup_steps=9), 4)  # δ = 0 reuses nothing anyway
+    # The official tail rule reuses nothing after a trigger at step 1 (tail int(1 · 0.5) = 0) but does after later
+    # ones: with room for a later trigger, nothing is said; with 4 steps (R = 3) no trigger step leaves a reuse.
+    assert no_room(BWCacheConfig.official(threshold=0.05), 30) is None
+    assert "whatever step it triggers at" in no_room(BWCacheConfig.official(threshold=0.05), 4)
     few = schedule_warnings(blockwise, 6)
     assert len(few) == 1 and "6 steps is a few-step run" in few[0] and "calibrate" in few[0]
     tuned = schedule_warnings(blockwise, 12, tuned_steps=30)

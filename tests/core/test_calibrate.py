@@ -294,7 +294,9 @@ def test_the_command_line_refuses_bad_arguments_before_any_model_work(tmp_path, 
         (["--target-psnr", "30", "--out", str(blocker / "p.json")], f"cannot be created: {blocker} is a file"),
         (["--target-psnr", "30", "--out", str(tmp_path / "p.txt")], "a profile file's name ends in .json"),
         (["--target-psnr", "30", "--steps", "500", "--out", out], "Steps = 500 is outside the allowed range"),
-        (["--target-psnr", "30", "--image", str(words), "--out", out], "error: Image: Tiny Shapes (embedded, runs on CPU) takes no image"),
+        (["--target-psnr", "30", "--image", str(words), "--out", out], "error: Image is not a PNG, JPEG or WebP image"),
+        (["--preset", "wan2.1-t2v-1.3b", "--target-psnr", "30", "--image", str(words), "--out", out],
+         "error: Image: Wan2.1 T2V 1.3B takes no image"),
     ]
     for arguments, message in cases:
         assert cli.main(["calibrate", *arguments]) == 2, arguments
