@@ -345,7 +345,7 @@ def load_example(prompt, preset, threshold, seed):
     # The example's own cache settings, as the form shows them (R "auto" where the run took 10% of the steps).
     config = BWCacheConfig.from_dict(record["config"])
     values = {**record["settings"], "prompt": record["prompt"], "negative_prompt": record["negative_prompt"],
-              "seed": record["seed"], "profile": record.get("profile") or DEFAULT_PROFILE,
+              "seed": record["seed"], "profile": record.get("profile") or DEFAULT_PROFILE, "image": paths.get("input"),
               **{s.name: s.form_value(getattr(config, s.name)) for s in spec.settings.form}}
     run = [
         paths["baseline"], paths["bwcache"], ui.heatmap(record),

@@ -8,10 +8,10 @@ cached with the same seed; reported are the mean PSNR of the cached video agains
 share of block evaluations reused. Nothing is timed (the figures do not depend on the machine's load), so the study
 can run beside other work; speed is measured by `python -m bwcache bench`, on held-out prompts.
 
-Settings are block-wise changes of the preset default (block-wise, δ = 0.3, R = 2, 6 warm-up and 2 tail steps,
-distances on every 4th token), grouped by the question they answer: how far to extrapolate reused residuals; how
-the fast profile's schedule was chosen; whether δ (the indicator) improves on its schedule without it; and whether
-other indicators do (the accumulated distance, decided per block with longer reuse runs allowed).
+Settings change the preset default (distances on every 4th token, residuals extrapolated half-way), grouped by the
+question they answer: what the static schedules give (warm-up, R and tail alone); whether the indicator can start
+reusing early and hold back where the inputs move (the left arm); whether δ improves on a schedule at R = 2 and
+R = 3; the accumulated distance with longer reuse runs; and the paper's method (`BWCacheConfig.official`).
 """
 
 from __future__ import annotations
@@ -32,38 +32,35 @@ from bwcache.metrics import psnr  # noqa: E402
 from bwcache.pipelines import get_pipeline  # noqa: E402
 from bwcache.runner import generate, resolve_config, resolve_preset, resolve_settings  # noqa: E402
 
-DEFAULT = {"extrapolation": 0.0}
-FAST = {"reuse_interval": 3, "warmup_steps": 5, "tail_steps": 1}
+def schedule(warmup: int, r: int, tail: int, **more) -> dict:
+    """A block-wise or static schedule with the preset's extrapolation (0.5)."""
+    return {"warmup_steps": warmup, "reuse_interval": r, "tail_steps": tail, "extrapolation": 0.5, **more}
+
 
 # (group, label, overrides of the preset's default cache settings)
 STUDY = [
-    ("extrapolation", "R=2, residuals unchanged (the earlier default)", {**DEFAULT}),
-    ("extrapolation", "R=2, extrapolation 0.5", {"extrapolation": 0.5}),
-    ("extrapolation", "R=3, residuals unchanged", {"reuse_interval": 3, "extrapolation": 0.0}),
-    ("extrapolation", "R=3, extrapolation 0.3", {"reuse_interval": 3, "extrapolation": 0.3}),
-    ("extrapolation", "R=3, extrapolation 0.5", {"reuse_interval": 3, "extrapolation": 0.5}),
-    ("extrapolation", "R=3, extrapolation 0.7", {"reuse_interval": 3, "extrapolation": 0.7}),
-    ("extrapolation", "R=3, extrapolation 1", {"reuse_interval": 3, "extrapolation": 1.0}),
-    ("fast schedule", "R=3, 4 warm-up, 2 tail, extrapolation 0.5", {**FAST, "warmup_steps": 4, "tail_steps": 2,
-                                                                    "extrapolation": 0.5}),
-    ("fast schedule", "R=3, 5 warm-up, 2 tail, extrapolation 0.5", {**FAST, "tail_steps": 2, "extrapolation": 0.5}),
-    ("fast schedule", "R=3, 5 warm-up, 1 tail, extrapolation 0.5 (fast profile)", {**FAST, "extrapolation": 0.5}),
-    ("fast schedule", "R=3, 5 warm-up, 1 tail, residuals unchanged", {**FAST, "extrapolation": 0.0}),
-    ("fast schedule", "R=4, 5 warm-up, 1 tail, extrapolation 0.5", {**FAST, "reuse_interval": 4,
-                                                                    "extrapolation": 0.5}),
-    ("indicator", "default profile's schedule, no indicator (static)", {"mode": "static", "extrapolation": 0.5}),
-    ("indicator", "default profile at δ=0.15", {"threshold": 0.15, "extrapolation": 0.5}),
-    ("indicator", "default profile at δ=0.1", {"threshold": 0.1, "extrapolation": 0.5}),
-    ("indicator", "fast profile's schedule, no indicator (static)", {**FAST, "mode": "static", "extrapolation": 0.5}),
-    ("indicator", "fast profile at δ=0.24", {**FAST, "threshold": 0.24, "extrapolation": 0.5}),
-    ("indicator", "fast profile at δ=0.18", {**FAST, "threshold": 0.18, "extrapolation": 0.5}),
-    ("indicator", "fast profile at δ=0.12", {**FAST, "threshold": 0.12, "extrapolation": 0.5}),
-    ("other indicators", "accumulated distance δ=0.1, R=4, extrapolation 0.5",
-     {"accumulate_distance": True, "threshold": 0.1, "reuse_interval": 4, "extrapolation": 0.5}),
-    ("other indicators", "accumulated distance δ=0.15, R=8, extrapolation 0.5",
-     {"accumulate_distance": True, "threshold": 0.15, "reuse_interval": 8, "extrapolation": 0.5}),
-    ("other indicators", "distance δ=0.15, R=4, extrapolation 0.5",
-     {"threshold": 0.15, "reuse_interval": 4, "extrapolation": 0.5}),
+    *[("static schedule", f"static, {w} warm-up, R={r}, {t} tail", schedule(w, r, t, mode="static"))
+      for w, r, t in [(6, 2, 2), (4, 2, 2), (3, 2, 2), (2, 2, 2), (6, 3, 1), (5, 3, 1), (4, 3, 1), (3, 3, 1),
+                      (4, 3, 2)]],
+    *[("indicator, early start", f"block-wise δ={d}, 2 warm-up, R=2, 2 tail", schedule(2, 2, 2, mode="blockwise",
+                                                                                  threshold=d))
+      for d in (0.1, 0.15, 0.2, 0.25, 0.3)],
+    *[("indicator, early start", f"block-wise δ={d}, 2 warm-up, R=3, 1 tail", schedule(2, 3, 1, mode="blockwise",
+                                                                                  threshold=d))
+      for d in (0.15, 0.2, 0.25, 0.3, 0.4)],
+    *[("indicator, R=2", f"block-wise δ={d}, {w} warm-up, R=2, {t} tail", schedule(w, 2, t, mode="blockwise",
+                                                                              threshold=d))
+      for w, t, d in [(4, 2, 0.1), (4, 2, 0.15), (4, 2, 0.2), (4, 2, 0.25), (6, 2, 0.06), (6, 2, 0.08), (6, 2, 0.1),
+                      (6, 1, 0.06), (6, 1, 0.08), (6, 0, 0.06), (6, 0, 0.08)]],
+    *[("indicator, R=3", f"block-wise δ={d}, {w} warm-up, R=3, 1 tail", schedule(w, 3, 1, mode="blockwise",
+                                                                            threshold=d))
+      for w, d in [(4, 0.2), (4, 0.3), (5, 0.2), (5, 0.3)]],
+    *[("accumulated distance", f"accumulated δ={d}, 6 warm-up, R up to 4, 1 tail",
+       schedule(6, 4, 1, mode="blockwise", threshold=d, accumulate_distance=True)) for d in (0.08, 0.1, 0.12)],
+    *[("the paper's method", f"official δ={d}", {"mode": "paper", "threshold": d, "reuse_interval": 3,
+                                                 "indicator_feature": "modulated", "tail_rule": "official",
+                                                 "tail_fraction": 0.5, "indicator_token_stride": 1,
+                                                 "extrapolation": 0.0}) for d in (0.045, 0.05)],
 ]
 
 
@@ -135,7 +132,7 @@ def spread_markdown(spread: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--overwrite", action="store_true", help="replace files that already exist")

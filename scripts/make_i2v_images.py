@@ -1,9 +1,9 @@
-"""Write the example first frames for image-to-video with the embedded model into assets/i2v/ (or FOLDER).
+"""Write the example first frames for image-to-video with the embedded model into assets/first-frames/ (or FOLDER).
 
     python scripts/make_i2v_images.py [FOLDER]
 
 Each PNG is frame 0 of a procedural clip of the shipped model's training scene (`bwcache.tiny.data.EXAMPLE_IMAGES`),
-named after the clip's prompt: `pipe("a red square moving right", image=Image.open("assets/i2v/a-red-square-moving-right.png"))`.
+named after the clip's prompt: `pipe("a red square moving right", image=Image.open("assets/first-frames/a-red-square-moving-right.png"))`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from bwcache.tiny.pipeline import ASSETS_DIR, load_config  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    folder = Path(argv[0]) if argv else Path(__file__).resolve().parent.parent / "assets" / "i2v"
+    folder = Path(argv[0]) if argv else Path(__file__).resolve().parent.parent / "assets" / "first-frames"
     config = load_config(ASSETS_DIR)
     scene = config.get("data", {}).get("scene", "v1")
     d = config["defaults"]

@@ -28,6 +28,11 @@ def _loss_table(log: list[dict], rows: int = 16) -> str:
     return "\n".join(lines)
 
 
+def _trained_on(training: dict, recipe: dict) -> str:
+    command = str(recipe.get("command") or "")
+    return "one GPU" if "--device cuda" in command else "2 CPU cores"
+
+
 def render_card(path: Path = ASSETS_DIR) -> str:
     config = _read(path / CONFIG_NAME) or {}
     training = _read(path / "training.json") or {}
@@ -101,7 +106,7 @@ def render_card(path: Path = ASSETS_DIR) -> str:
         "",
         *_stages_text(recipe),
         f"`{_command(training, recipe)}` reproduces these weights from seed {recipe.get('seed')} (bit for bit on "
-        "the same CPU and thread count; floating-point rounding differs elsewhere)"
+        "the same device and thread count; floating-point rounding differs elsewhere)"
         + (", starting from the weights of the stages above." if recipe.get("stages") else "."),
         "",
         "Flow matching as in Wan: x_t = (1 - s) x0 + s noise, target velocity noise - x0, timestep 1000 s, with s drawn "
@@ -121,7 +126,7 @@ def render_card(path: Path = ASSETS_DIR) -> str:
         *(["Each phase restarts AdamW and its schedule from the EMA weights of the phase before.", ""]
           if len(_phases(recipe)) > 1 else []),
         f"Status: {training.get('status', 'unknown')}; {(log[-1]['elapsed_s'] / 60 if log else 0):.0f} minutes of "
-        f"training on 2 CPU cores; {recipe.get('parameters', 0):,} parameters.",
+        f"training on {_trained_on(training, recipe)}; {recipe.get('parameters', 0):,} parameters.",
         "",
         "Loss (mean of each logging window):",
         "",
@@ -133,9 +138,9 @@ def render_card(path: Path = ASSETS_DIR) -> str:
     if ev:
         a, s, g = ev["adherence"], ev["speed"], ev["ground_truth"]
         out += [
-            "`python -m bwcache.tiny.evaluate` judges clips from pixels (`bwcache/tiny/judge.py`): the mean colour of "
-            "the bright pixels must be nearest to the prompt's colour, and the centroid must travel the named way by "
-            "at least 10% of the frame and at least twice as far as sideways.",
+            "`python -m bwcache.tiny.evaluate` judges clips from pixels (`bwcache/tiny/judge.py`): the prompt's colour "
+            "must be visible (a mask of the pixels near it, coherent pixels only) in most frames, and the centroid of "
+            "its mask must travel the named way by at least 10% of the frame and at least twice as far as sideways.",
             "",
             f"- Prompt adherence at the default settings: **{a['passed']}/{a['n']} = {a['rate']:.0%}** "
             f"(colour {a['colour_rate']:.0%}, direction {a['direction_rate']:.0%}); every prompt combination, "

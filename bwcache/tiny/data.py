@@ -417,8 +417,8 @@ def make_example_image(
     return frames[0], prompt
 
 
-# First frames for trying image-to-video (written to assets/i2v/ by `write_example_images`, `python scripts/make_i2v_images.py`): one per row, the clip's
-# seed and attributes; each image is frame 0 of that clip, so the prompt that matches it is the clip's own.
+# First frames for trying image-to-video (written to assets/first-frames/ by `python scripts/make_i2v_images.py`): one
+# per row, the clip's seed and attributes; each image is frame 0 of that clip, so the prompt that matches it is the clip's own.
 EXAMPLE_IMAGES: tuple[tuple[int, str, str, str], ...] = (
     (7_100_001, "red", "square", "right"),
     (7_100_002, "green", "circle", "up"),

@@ -181,12 +181,13 @@ def _close(a: Any, b: Any) -> bool:
 
 def example_label(record: Mapping[str, Any]) -> str:
     config = record["config"]
-    mode = "" if config["mode"] == "paper" else f" · {config['mode']}"
+    mode = " · the paper's method" if config["mode"] == "paper" else f" · {config['mode']}"
     interval = config.get("reuse_interval")
     reuse = f" · R {interval}" if interval is not None else ""
     profile = record.get("profile") or DEFAULT_PROFILE
     named = "" if profile == DEFAULT_PROFILE else f" · {profile} profile"
-    return f"{record['prompt']} · δ {config['threshold']:g}{reuse}{mode}{named}"
+    image = " · from a first frame" if record.get("image") else ""
+    return f"{record['prompt']}{image} · δ {config['threshold']:g}{reuse}{mode}{named}"
 
 
 def example_summary(record: Mapping[str, Any], summary: str) -> str:

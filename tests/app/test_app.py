@@ -381,6 +381,8 @@ def test_examples_load_instantly_from_their_files():
         assert form["mode"]["value"] == record["config"]["mode"]
         assert form["num_inference_steps"]["value"] == record["settings"]["num_inference_steps"]
         assert form["threshold"]["value"] == record["config"]["threshold"]
+        # An example made from a first frame puts that image in the form too.
+        assert (form["image"]["value"] is not None) == (record.get("image") is not None)
     # Each example's label says what sets it apart: δ, R where it is set, and the mode.
     from bwcache.ui import example_label
 
@@ -388,7 +390,9 @@ def test_examples_load_instantly_from_their_files():
         config, label = example["record"]["config"], example_label(example["record"])
         assert f"δ {config['threshold']:g}" in label
         assert (f"R {config['reuse_interval']}" in label) == (config["reuse_interval"] is not None), label
-        assert (config["mode"] in label) == (config["mode"] != "paper"), label
+        assert ("the paper's method" in label) == (config["mode"] == "paper"), label
+        assert config["mode"] == "paper" or f"· {config['mode']}" in label
+        assert ("from a first frame" in label) == (example["record"].get("image") is not None), label
 
 
 def test_gpu_decorator_is_a_no_op_without_spaces(monkeypatch):
