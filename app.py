@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from bwcache import ui
+from bwcache.ui import calibration as calibration_ui
 from bwcache.ui import service
 from bwcache.config import CACHE_SETTINGS, BWCacheConfig
 from bwcache import space
@@ -35,6 +36,7 @@ from bwcache.plan import check_fits, device_memory_gb
 from bwcache.presets import DEFAULT_PROFILE, Preset
 from bwcache.report import summary_markdown
 from bwcache.runner import run_comparison, run_sweep
+from bwcache.calibrate import calibrate_preset
 from bwcache.settings import Settings, short_repr
 
 ROOT = Path(__file__).resolve().parent
@@ -186,6 +188,37 @@ def _run_sweep(preset_name, request, thresholds, progress=None):
                               preset_name, request, thresholds, progress=progress)
 
 
+def _calibration_seconds(preset_name, request, calibration, progress=None, cancel=None):
+    preset = PRESETS[preset_name]
+    return ui.gpu_seconds(preset, ui.resolved_settings(preset, request), runs=_calibration_runs(preset, calibration))
+
+
+def _calibration_runs(preset, calibration):
+    from bwcache.calibrate import calibration_prompts
+
+    prompts = calibration["prompts"] or calibration_prompts(preset, calibration["budget"])
+    return calibration_ui.calibration_runs(min(len(prompts), calibration["budget"]), calibration["budget"])
+
+
+def _calibrate_work(preset_name, request, calibration, progress=None, cancel=None):
+    spec = PRESETS[preset_name]
+    generation = {key: request[key] for key in (*ui.GENERATION_FIELDS, "image") if request.get(key) is not None}
+    with _user_errors(spec, ui.resolved_settings(spec, request)):
+        return calibrate_preset(spec, calibration["prompts"], target_psnr=calibration["target_psnr"],
+                                target_speedup=calibration["target_speedup"], budget=calibration["budget"],
+                                seed=request.get("seed"), profile=request.get("profile"), device=_device(spec),
+                                pipe=PIPELINE_OVERRIDES.get(preset_name), progress=_progress(progress), cancel=cancel,
+                                **generation)
+
+
+_calibrate_on_gpu = gpu(duration=_calibration_seconds)(_calibrate_work)
+
+
+def _run_calibration(preset_name, request, calibration, progress=None):
+    return service.run_placed(ui.needs_gpu(PRESETS[preset_name]), ON_ZERO_GPU, _calibrate_on_gpu, _calibrate_work,
+                              preset_name, request, calibration, progress=progress)
+
+
 # Files Gradio's cache keeps: what the newest runs show (each run serves up to about ten files).
 MAX_CACHED_FILES = 10 * MAX_RUNS
 
@@ -202,9 +235,10 @@ def _save(kind, write) -> dict:
 
 
 def _admitted(spec, values, runs, sweep=False):
-    """A request checked before any model work: its fields, the GPU memory it needs (the memory plan), and on
-    ZeroGPU the time it needs, refused before anything is scheduled with what would fit."""
-    request = ui.check_request(spec, **values)
+    """A request checked before any model work: its fields (a profile may be one the Calibrate tab saved), the GPU
+    memory it needs (the memory plan), and on ZeroGPU the time it needs, refused before anything is scheduled with
+    what would fit."""
+    request = ui.check_request(spec, profile_root=OUTPUT_ROOT, **values)
     settings = ui.resolved_settings(spec, request)
     check_fits(spec, ui.request_config(spec, request), settings, _gpu_memory_gb())
     if ON_ZERO_GPU:
@@ -262,6 +296,39 @@ def _sweep(values, progress):
     return ui.sweep_plot(result), pd.DataFrame(ui.sweep_table(result), columns=ui.SWEEP_HEADERS), paths["csv"], tuning
 
 
+def _calibrate(values, progress):
+    spec = _preset(values.pop("preset"))
+    with _user_errors():
+        calibration = calibration_ui.check_calibration(values.pop("target_kind"), values.pop("target"),
+                                                       values.pop("budget"), values.pop("prompts"))
+        values["seed"] = ui.check_seed(values.get("seed"))
+        prompts = calibration["prompts"]
+        request, settings = _admitted(spec, {**values, "prompt": prompts[0] if prompts else None},
+                                      runs=_calibration_runs(spec, calibration))
+    with _user_errors(spec, settings):
+        result = _run_calibration(spec.name, request, calibration, progress=progress)
+    path = None
+    if result.config is not None:
+        path = _save(calibration_ui.RUN_KIND, lambda folder: calibration_ui.save_profile(result, folder))["profile"]
+    record = result.to_dict()
+    return (calibration_ui.frontier_figure(result, spec), calibration_ui.summary_markdown(result, path), path,
+            record, path)
+
+
+def use_profile(preset, path, saved):
+    """"Use this profile": the saved profile file added to the Profile menu and chosen, the cache controls set to
+    its settings, so that the next comparison runs it."""
+    spec = _preset(preset)
+    if not path:
+        raise gr.Error("No profile file yet: run a calibration first.", title="Invalid settings",
+                       print_exception=False)
+    with _user_errors():
+        path = ui.check_profile(spec, path, OUTPUT_ROOT)
+    menu, saved = calibration_ui.menu_update(spec, path, saved)
+    updates = fill_profile(spec.name, path, saved)
+    return updates + [saved]
+
+
 compare = ui.endpoint(_compare, ui.compare_parameters(), progress=gr.Progress(), doc="""Run the prompt without and with BWCache on the preset's model
 (same seed and settings).
 
@@ -275,6 +342,20 @@ measured speedup, PSNR and SSIM per δ.
 
 `thresholds` is text such as "0.05, 0.1, 0.2" (at most 8 values from 0 to 1). Returns the speed-vs-fidelity figure,
 the table and a CSV file.""")
+
+
+calibrate = ui.endpoint(_calibrate, calibration_ui.CALIBRATE_PARAMETERS, progress=gr.Progress(),
+                        defaults=calibration_ui.ENDPOINT_DEFAULTS, doc="""Calibrate BWCache to a target on the
+preset's model: uncached pilot runs on the calibration prompts, candidate settings ranked without running, the most
+promising measured against the pilots, the choice made by measurement.
+
+`target_kind` is "psnr" (the fastest settings at `target` dB or better against the uncached video; 35 when empty)
+or "speedup" (the most faithful settings at `target`× or faster; 2 when empty). `budget`: the most cached
+generations (1 to 100, default 12). `prompts`: one a line; empty: the preset's own calibration prompts. The
+generation settings left empty take the preset's defaults; `profile` gives the storage and token stride candidates
+keep. Returns the measured frontier figure, a Markdown summary, the profile file (None when nothing could be
+measured), the calibration record (every candidate's figures) and the profile file's path on the server, which
+`/compare` accepts as its `profile`.""")
 
 
 # ----------------------------------------------------------------------------- form and views
@@ -291,13 +372,14 @@ def fill_preset(preset):
     return _form_updates(_preset(preset))
 
 
-def fill_profile(preset, profile):
-    """The cache controls for one of the preset's profiles (the other controls keep what they hold)."""
+def fill_profile(preset, profile, saved=None):
+    """The cache controls for one of the preset's profiles, or a profile file the Calibrate tab saved for it (the
+    other controls keep what they hold; the menu offers the preset's profiles and the profile files in `saved`)."""
     spec = _preset(preset)
-    if profile not in spec.profile_names:
-        raise gr.Error(f"Profile must be one of {', '.join(spec.profile_names)} for {spec.label}, "
-                       f"got {short_repr(profile)}.", title="Invalid settings", print_exception=False)
+    with _user_errors():
+        profile = ui.check_profile(spec, profile, OUTPUT_ROOT)
     form = ui.preset_form(spec, {"profile": profile})
+    form["profile"]["choices"] = calibration_ui.profile_choices(spec, saved)
     return [gr.update(**form[key]) for key in ui.profile_keys(spec.settings)]
 
 
@@ -481,8 +563,42 @@ def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
                         sweep_plot = gr.Plot(label="Speed vs fidelity")
                         sweep_table = gr.Dataframe(headers=ui.SWEEP_HEADERS, interactive=False, label="Per δ")
                         sweep_file = gr.File(label="Sweep CSV", interactive=False)
+                    with gr.Tab("Calibrate", elem_id="calibrate-tab") as calibrate_tab:
+                        gr.Markdown(
+                            "Find the cache settings that meet a target on the selected preset, with the settings "
+                            "on the left (steps, size, frames, guidance, seed): uncached pilot runs, candidate "
+                            "settings ranked without running, the most promising measured against the pilots, the "
+                            "choice made by measurement. The budget counts cached generations (the pilots and "
+                            "uncached timing runs come on top). **Use this profile** adds the result to the Profile "
+                            "menu for the next comparison."
+                        )
+                        with gr.Row():
+                            target_kind = as_sent(gr.Radio(
+                                [(label, key) for key, label in calibration_ui.TARGET_KINDS.items()], value="psnr",
+                                label="Target", elem_id="calibrate-target-kind"))
+                            target_value = field_number(
+                                calibration_ui.DEFAULT_TARGETS["psnr"], label="Target value",
+                                info="PSNR: dB against the uncached video, 10 to 80; speedup: above 1, at most 10",
+                                elem_id="calibrate-target")
+                            budget = field_number(calibration_ui.ENDPOINT_DEFAULTS["budget"], label="Budget",
+                                                  info="cached generations, 1 to 100", precision=None,
+                                                  elem_id="calibrate-budget")
+                        calibration_prompts = gr.Textbox(
+                            label="Calibration prompts", lines=3, elem_id="calibrate-prompts",
+                            placeholder="one prompt a line; empty: the preset's own calibration prompts")
+                        calibrate_button = gr.Button("Calibrate", variant="primary", elem_id="calibrate-button")
+                        calibration_summary = gr.Markdown(label="Calibration summary", elem_id="calibrate-summary")
+                        calibration_plot = gr.Plot(label="Measured candidates", elem_id="calibrate-plot")
+                        with gr.Row():
+                            profile_file = gr.File(label="Profile file", interactive=False, elem_id="calibrate-file")
+                            use_button = gr.Button("Use this profile", elem_id="use-profile")
+                        with gr.Accordion("Calibration record", open=False):
+                            calibration_json = gr.JSON(label="Calibration record")
 
         run_state = gr.State()
+        # The profile file of the last calibration, and every one "Use this profile" added to the menu.
+        calibrated_path = gr.State()
+        saved_profiles = gr.State([])
         tuning_state = gr.State()
         controls["preset"], controls["randomize_seed"], controls["compare_with"] = preset, randomize_seed, compare_with
         controls["thresholds"] = thresholds
@@ -500,8 +616,8 @@ def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
         demo.load(fill_preset, preset, form, queue=False, api_visibility="private")
         # `input`, not `change`: examples set the preset themselves, together with their own settings.
         preset.input(fill_preset, preset, form, queue=False, api_visibility="private")
-        controls["profile"].input(fill_profile, [preset, controls["profile"]], profile_form, queue=False,
-                                  api_visibility="private")
+        controls["profile"].input(fill_profile, [preset, controls["profile"], saved_profiles], profile_form,
+                                  queue=False, api_visibility="private")
 
         # A new run clears the last one's results, so that an error does not leave them on screen as if current.
         run.click(lambda: (None, None, "", None, gr.update(value=None, visible=False)), None,
@@ -536,7 +652,7 @@ def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
         # A plot drawn while its tab is hidden (a run or sweep finishing while another tab shows) has no width to
         # fit: Plotly sizes it to a default. Gradio's plots resize with the window, so a resize once the tab shows
         # fits it.
-        for tab in (comparison_tab, tuning_tab, sweep_tab):
+        for tab in (comparison_tab, tuning_tab, sweep_tab, calibrate_tab):
             tab.select(None, None, None, js=REFIT_PLOTS, queue=False, api_visibility="private")
         sweep_button.click(
             service.cancellable(ui.endpoint(_sweep, ui.sweep_parameters(settings), sweep.__doc__, gr.Progress())),
@@ -547,6 +663,25 @@ def build_demo(settings: Settings = CACHE_SETTINGS) -> gr.Blocks:
             concurrency_id="gpu",
         ).success(retune_both, [tuning_state, tuning_threshold], [tuning_plot, tuning_text, threshold], queue=False,
                   api_visibility="private")
+
+        calibrate_inputs = {"target_kind": target_kind, "target": target_value, "budget": budget,
+                            "prompts": calibration_prompts, **controls}
+        target_kind.input(lambda kind: calibration_ui.DEFAULT_TARGETS.get(kind), target_kind, target_value,
+                          queue=False, api_visibility="private")
+        calibrate_button.click(lambda: (None, "", None, None), None,
+                               [calibration_plot, calibration_summary, profile_file, calibrated_path], queue=False,
+                               api_visibility="private")
+        calibrate_button.click(
+            service.cancellable(ui.endpoint(_calibrate, calibration_ui.CALIBRATE_PARAMETERS, calibrate.__doc__,
+                                            gr.Progress(), defaults=calibration_ui.ENDPOINT_DEFAULTS)),
+            [calibrate_inputs[name] for name in calibration_ui.CALIBRATE_PARAMETERS],
+            [calibration_plot, calibration_summary, profile_file, calibration_json, calibrated_path],
+            api_name="calibrate",
+            concurrency_limit=1,
+            concurrency_id="gpu",
+        )
+        use_button.click(use_profile, [preset, calibrated_path, saved_profiles], profile_form + [saved_profiles],
+                         queue=False, api_visibility="private")
 
         if EXAMPLES:
             records = [example["record"] for example in EXAMPLES]

@@ -1,5 +1,5 @@
 """Pure helpers behind the comparison app, importable and testable without Gradio: presets as form values
-(`forms`), the app's fields by name (`fields`), checks of what users send (`requests`), GPU budgets (`budget`), run
+(`forms`), the app's fields by name (`fields`), the Calibrate tab (`calibration`), checks of what users send (`requests`), GPU budgets (`budget`), run
 folders and examples (`runs`), the run service (`service`), and run records shaped for the views (`views`)."""
 
 from .budget import (
@@ -30,6 +30,7 @@ from .requests import (
     PEER_METHODS,
     SEED_MAX,
     UNAVAILABLE_PEERS,
+    check_profile,
     check_request,
     check_seed,
     parse_peer,
@@ -69,3 +70,4 @@ from .views import (
     tuning_source,
     tuning_view,
 )
+from . import calibration

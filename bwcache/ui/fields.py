@@ -44,11 +44,13 @@ def sweep_parameters(settings: Settings = CACHE_SETTINGS) -> list[str]:
             "profile"]
 
 
-def endpoint(work: Callable[[dict, Any], Any], names: list[str], doc: str, progress: Any) -> Callable:
-    """A function taking `names` (positionally, in order, or by name; left out: `ENDPOINT_DEFAULTS` or None) and a
-    keyword-only `progress` (defaulting to `progress`), calling `work(values, progress)`. Its signature is what
-    Gradio lists as the API."""
-    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=ENDPOINT_DEFAULTS.get(name))
+def endpoint(work: Callable[[dict, Any], Any], names: list[str], doc: str, progress: Any,
+             defaults: dict | None = None) -> Callable:
+    """A function taking `names` (positionally, in order, or by name; left out: `defaults`, `ENDPOINT_DEFAULTS` or
+    None) and a keyword-only `progress` (defaulting to `progress`), calling `work(values, progress)`. Its signature
+    is what Gradio lists as the API."""
+    defaults = {**ENDPOINT_DEFAULTS, **(defaults or {})}
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults.get(name))
                   for name in names]
     parameters.append(inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=progress))
     signature = inspect.Signature(parameters)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
+from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import CACHE_SETTINGS, BWCacheConfig
@@ -100,17 +101,15 @@ def request_fields(preset: Preset) -> tuple[str, ...]:
     return (*SETTING_KEYS, "image", "seed", "profile", *(s.name for s in preset.settings.form))
 
 
-def check_request(preset: Preset, **values: Any) -> dict:
+def check_request(preset: Preset, profile_root: str | Path | None = None, **values: Any) -> dict:
     """Everything a comparison needs, checked before any model is loaded: keyword arguments for `run_comparison`
     / `run_sweep` with None meaning the preset's default. Raises ValueError naming the field as the app labels it
-    and what is allowed."""
+    and what is allowed. The profile is one of the preset's, or (given `profile_root`, the app's output folder) a
+    profile file the app's Calibrate tab saved there for this preset (`bwcache.ui.calibration.app_profile`)."""
     unknown = sorted(set(values) - set(request_fields(preset)))
     if unknown:
         raise ValueError(f"Unknown setting(s) {unknown}; allowed: {', '.join(request_fields(preset))}.")
-    profile = values.get("profile")
-    if profile is not None and profile not in preset.profile_names:
-        raise ValueError(f"Profile must be one of {', '.join(preset.profile_names)} for {preset.label}, "
-                         f"got {_short(profile)}.")
+    profile = check_profile(preset, values.get("profile"), profile_root)
     negative_prompt = values.get("negative_prompt")
     if negative_prompt is not None and not isinstance(negative_prompt, str):
         raise ValueError(f"negative prompt must be text, got {type(negative_prompt).__name__}.")
@@ -134,6 +133,21 @@ def check_request(preset: Preset, **values: Any) -> dict:
         raise ValueError(f"R (reuse interval) = {reuse} is more than the {steps} steps; use 1 to {steps} or auto.")
     request_config(preset, request)
     return request
+
+
+def check_profile(preset: Preset, profile: Any, profile_root: str | Path | None = None) -> str | None:
+    """A profile of the preset's, or the path of a profile file the app saved under `profile_root` for it."""
+    if profile is None or (isinstance(profile, str) and profile in preset.profile_names):
+        return profile
+    if profile_root is not None:
+        from .calibration import app_profile
+
+        path = app_profile(profile, profile_root, preset)
+        if path is not None:
+            return path
+    saved = " or a profile file the Calibrate tab saved for it" if profile_root is not None else ""
+    raise ValueError(f"Profile must be one of {', '.join(preset.profile_names)} for {preset.label}{saved}, "
+                     f"got {_short(profile)}.")
 
 
 def request_config(preset: Preset, request: Mapping[str, Any]) -> BWCacheConfig:
