@@ -310,7 +310,8 @@ def _calibrate(values, progress):
     path = None
     if result.config is not None:
         path = _save(calibration_ui.RUN_KIND, lambda folder: calibration_ui.save_profile(result, folder))["profile"]
-    record = result.to_dict()
+    # Where the profile file is on the server: what `/compare` and the Profile menu take as `profile`.
+    record = {**result.to_dict(), "profile_file": path}
     return (calibration_ui.frontier_figure(result, spec), calibration_ui.summary_markdown(result, path), path,
             record, path)
 
@@ -354,8 +355,8 @@ or "speedup" (the most faithful settings at `target`× or faster; 2 when empty).
 generations (1 to 100, default 12). `prompts`: one a line; empty: the preset's own calibration prompts. The
 generation settings left empty take the preset's defaults; `profile` gives the storage and token stride candidates
 keep. Returns the measured frontier figure, a Markdown summary, the profile file (None when nothing could be
-measured), the calibration record (every candidate's figures) and the profile file's path on the server, which
-`/compare` accepts as its `profile`.""")
+measured) and the calibration record (every candidate's figures; `profile_file`: the profile file's path on the
+server, which `/compare` accepts as its `profile`).""")
 
 
 # ----------------------------------------------------------------------------- form and views

@@ -50,10 +50,10 @@ def error_text(excinfo) -> str:
 # ----------------------------------------------------------------------------- structure
 
 
-def test_demo_builds_with_compare_and_sweep_endpoints():
+def test_demo_builds_with_compare_sweep_and_calibrate_endpoints():
     info = app.demo.get_api_info()
     named = info["named_endpoints"]
-    assert set(named) == {"/compare", "/sweep"}
+    assert set(named) == {"/compare", "/sweep", "/calibrate"}
     params = [p["parameter_name"] for p in named["/compare"]["parameters"]]
     assert params[:4] == ["prompt", "preset", "threshold", "seed"]
     # Everything but the first four may be left out; left out means the preset's default.

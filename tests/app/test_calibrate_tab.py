@@ -37,7 +37,7 @@ def calibrated(root):
 
 def test_a_calibration_saves_a_profile_file_that_loads_back(calibrated, root):
     figure, summary, path, record, state = calibrated
-    assert path == state and Path(path).name == "profile.json"
+    assert path == state == record["profile_file"] and Path(path).name == "profile.json"
     folder = Path(path).parent
     assert folder.parent == root and f"-{calibration_ui.RUN_KIND}-" in folder.name
     profile = read_profile(path)

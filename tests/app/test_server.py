@@ -70,7 +70,7 @@ def check_outputs(result, frames: int):
 def test_api_lists_compare_with_its_named_parameters(client):
     api = client.view_api(print_info=False, return_format="dict")
     named = api["named_endpoints"]
-    assert set(named) == {"/compare", "/sweep"}
+    assert set(named) == {"/compare", "/sweep", "/calibrate"}
     assert not api["unnamed_endpoints"]
     params = [p["parameter_name"] for p in named["/compare"]["parameters"]]
     assert {"prompt", "preset", "threshold", "seed"} <= set(params) and params[:4] == ["prompt", "preset", "threshold",
@@ -78,6 +78,11 @@ def test_api_lists_compare_with_its_named_parameters(client):
     assert all(p["parameter_has_default"] for p in named["/compare"]["parameters"])
     # Both videos, the heatmap, the summary, the record, the seed, the peer's video, the files, the input image.
     assert len(named["/compare"]["returns"]) == 9
+    calibrate = named["/calibrate"]["parameters"]
+    assert [p["parameter_name"] for p in calibrate][:5] == ["target_kind", "target", "budget", "prompts", "preset"]
+    assert all(p["parameter_has_default"] for p in calibrate)
+    # The frontier figure, the summary, the profile file, the calibration record.
+    assert len(named["/calibrate"]["returns"]) == 4
 
 
 def test_compare_over_http(client):
@@ -196,3 +201,27 @@ def test_a_bad_threshold_gets_our_message(client, value, message):
     with pytest.raises(AppError) as excinfo:
         client.predict(prompt="a cat", preset=WAN, threshold=value, seed=0, **WAN_SMALL, api_name="/compare")
     assert message in str(excinfo.value)
+
+
+@pytest.mark.skipif(not TINY_READY, reason="the Tiny Shapes weights (assets/tiny-shapes/) are not there")
+def test_calibrate_over_http_and_compare_with_its_profile(client):
+    plot, summary, profile, record = client.predict(target_kind="speedup", target=1.2, budget=2,
+                                                    prompts="a red square moving right", preset="tiny-shapes",
+                                                    num_inference_steps=10, num_frames=8, api_name="/calibrate")
+    names = [trace.get("name") for trace in json.loads(plot["plot"])["data"]]
+    assert "measured candidates" in names and ("chosen" in names or "best measured (target not met)" in names)
+    assert "speedup ≥ 1.2×" in summary
+    saved = json.loads(Path(profile).read_text())
+    assert saved["format"] == "bwcache-profile" and saved["setting"]["preset"] == "tiny-shapes"
+    assert record["target"] == {"speedup": 1.2} and len(record["candidates"]) >= 1
+    # The file on the server (under the app's output folder) is what /compare takes as its profile.
+    server_path = record["profile_file"]
+    assert Path(server_path).parent.parent == Path(app.OUTPUT_ROOT).resolve()
+    result = client.predict(prompt="a blue circle moving left", preset="tiny-shapes", profile=server_path, seed=1,
+                            num_inference_steps=10, num_frames=8, api_name="/compare")
+    assert result[4]["profile"] == server_path and result[4]["config"]["mode"] == saved["bwcache"]["mode"]
+    # A bad budget is refused by name, and the app keeps serving.
+    with pytest.raises(AppError, match="Budget must be a whole number of cached generations from 1 to 100, got 0"):
+        client.predict(target=30, budget=0, preset="tiny-shapes", api_name="/calibrate")
+    with pytest.raises(AppError, match="Profile must be one of"):
+        client.predict(prompt="a cat", preset="tiny-shapes", profile=str(Path(profile)), api_name="/compare")
