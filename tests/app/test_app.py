@@ -475,14 +475,14 @@ def test_a_broken_preset_file_is_left_out(tmp_path, caplog):
 
 
 @needs_tiny
-def test_an_example_with_r_auto_reproduces_its_recorded_result(tmp_path, monkeypatch):
-    example = next((e for e in app.EXAMPLES if e["record"]["config"]["reuse_interval"] is None), None)
+def test_the_paper_example_reproduces_its_recorded_result_from_the_form(tmp_path, monkeypatch):
+    example = next((e for e in app.EXAMPLES if e["record"]["config"]["mode"] == "paper"), None)
     if example is None:
-        pytest.skip("no precomputed example with R auto")
+        pytest.skip("no precomputed example of the paper's method")
     record = example["record"]
     out = app.load_example(record["prompt"], record["preset"], record["config"]["threshold"], record["seed"])
     form = dict(zip([key for key in ui.form_keys() if key != "seed"] + ["notes"], out[10:]))
-    assert form["reuse_interval"]["value"] == "auto"
+    assert form["mode"]["value"] == "paper" and form["profile"]["value"] == record["profile"]
     monkeypatch.setattr(app, "OUTPUT_ROOT", tmp_path)
     settings = {key: form[key]["value"] for key in ("negative_prompt", "reuse_interval", "tail_fraction", "mode",
                                                    "num_inference_steps", "num_frames", "height", "width",
@@ -490,7 +490,7 @@ def test_an_example_with_r_auto_reproduces_its_recorded_result(tmp_path, monkeyp
                                                    "extrapolation")}
     rerun = app.compare(form["prompt"]["value"], record["preset"], form["threshold"]["value"], record["seed"],
                         **settings)[4]
-    assert rerun["config"]["reuse_interval"] is None
+    assert rerun["config"] == record["config"]
     for branch, trace in record["trace"]["branches"].items():
         assert rerun["trace"]["branches"][branch]["reused"] == trace["reused"], branch
     # The example was recorded on another CPU, whose kernels sum in another order: per-pixel differences of ~1e-6
@@ -514,7 +514,7 @@ def test_choosing_a_profile_fills_the_cache_controls_with_its_settings(name):
     preset = app.PRESETS[name]
     values = dict(zip(ui.profile_keys(), app.fill_profile(name, "fast")))
     fast = preset.profile_settings("fast")
-    assert values["profile"]["value"] == "fast" and values["profile"]["choices"] == ["default", "fast"]
+    assert values["profile"]["value"] == "fast" and values["profile"]["choices"] == list(preset.profile_names)
     assert values["threshold"]["value"] == fast["threshold"]
     assert values["extrapolation"]["value"] == fast.get("extrapolation", 0.0)
     assert values["profile"]["info"] == ui.profile_info(preset, "fast") and len(values["profile"]["info"]) > 20
