@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         if path is not None:
             if path.exists() and not args.overwrite:
                 parser.error(f"{path} exists; pass --overwrite or choose another path")
-            check_writable(path, name)
+            check_writable(path, name, folder=False)
     rows = run([p.strip() for p in args.profiles.split(",") if p.strip()])
     summary = summarise(rows)
     args.json.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))

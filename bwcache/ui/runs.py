@@ -153,7 +153,8 @@ def list_examples(root: str | Path, presets: Mapping[str, Preset] | None = None)
         if presets is not None and record.get("preset") not in presets:
             continue
         examples.append({"name": folder.name, "dir": folder, "record": record})
-    return examples
+    # In the order they were recorded (scripts/make_examples.py records them in the order the app shows them).
+    return sorted(examples, key=lambda e: (str(e["record"].get("created", "")), e["name"]))
 
 
 def example_paths(folder: str | Path) -> dict:

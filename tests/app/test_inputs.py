@@ -54,15 +54,15 @@ def test_a_run_that_reuses_nothing_says_why():
     from bwcache.report import no_reuse_hint, summary_markdown
     from bwcache.runner import run_comparison
 
-    # The preset's 6 warm-up and 2 tail steps leave no step to reuse in 8: said before the run, in the record.
-    with pytest.warns(UserWarning, match="with 8 steps, the 6 warm-up steps"):
-        record = run_comparison("tiny-shapes", num_inference_steps=8, num_frames=8).record
+    # The preset's 4 warm-up and 2 tail steps leave no step to reuse in 6: said before the run, in the record.
+    with pytest.warns(UserWarning, match="with 6 steps, the 4 warm-up steps"):
+        record = run_comparison("tiny-shapes", num_inference_steps=6, num_frames=8).record
     assert record["reuse_fraction"] == 0
-    expected = "with 8 steps, the 6 warm-up steps (warmup_steps) and the 2 tail steps (tail_steps) leave no step"
+    expected = "with 6 steps, the 4 warm-up steps (warmup_steps) and the 2 tail steps (tail_steps) leave no step"
     assert any(expected in note for note in record["warnings"]) and expected in summary_markdown(record)
     never = {**record, "config": {**record["config"], "mode": "paper", "reuse_interval": 1},
              "trigger_steps": {"cond": None}}
-    assert "the indicator never fell below δ=0.3" in no_reuse_hint(never)
+    assert f"the indicator never fell below δ={record['config']['threshold']:g}" in no_reuse_hint(never)
     assert no_reuse_hint({**record, "reuse_fraction": 0.2}) is None
 
 

@@ -72,7 +72,7 @@ def tiny_run(tiny):
 @pytest.mark.parametrize("method", METHODS)
 def test_tiny_shapes_skips_blocks_changes_the_video_and_removes_bit_for_bit(tiny, tiny_run, method):
     run, settings, baseline, plain_calls, plain_flops = tiny_run
-    assert plain_calls == 30 * 2 * 6
+    assert plain_calls == 30 * 2 * len(tiny.transformer.blocks)
     forward = vars(tiny.transformer).get("forward")
     peer = peers.enable_peer(method, tiny, settings)
     try:
@@ -151,15 +151,16 @@ def test_run_comparison_runs_cachedit_beside_bwcache(tiny, method):
     peer = comparison.record["peer"]
     assert peer["method"] == method and peer["label"] == peers.METHODS[method]
     assert peer["seconds"] > 0 and comparison.peer_frames.shape == comparison.baseline_frames.shape
-    assert not peer["identical"] and 20 < peer["psnr"] < 200
+    assert not peer["identical"] and 15 < peer["psnr"] < 200
     json.dumps(comparison.record, allow_nan=False)
     assert "_is_cached" not in vars(type(tiny)) and not hasattr(tiny.transformer, "_original_forward")
 
 
 def test_settings_that_cannot_work_are_refused(tiny):
     settings = {"guidance_scale": 5.0}
-    with pytest.raises(ValueError, match="at least one of the 6 blocks"):
-        peers.enable_peer("cachedit", tiny, settings, params={"Fn_compute_blocks": 4, "Bn_compute_blocks": 2})
+    blocks = len(tiny.transformer.blocks)
+    with pytest.raises(ValueError, match=f"at least one of the {blocks} blocks"):
+        peers.enable_peer("cachedit", tiny, settings, params={"Fn_compute_blocks": blocks - 2, "Bn_compute_blocks": 2})
     with pytest.raises(ValueError, match="Fn ≥ 1"):
         peers.enable_peer("cachedit", tiny, settings, params={"Fn_compute_blocks": 0})
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['taylorseer_order'\]"):

@@ -159,7 +159,7 @@ def test_benchmark_paper_rows_run_the_published_method_whatever_the_preset_defau
     assert resolve_config(preset, 30, **methods["bw-paper-0.15-r1"].params).reuse_interval == 1
     block = resolve_config(preset, 30, **methods["bw-block-0.2"].params)
     assert (block.mode, block.threshold, block.reuse_interval, block.warmup_steps, block.tail_steps) == (
-        "blockwise", 0.2, 2, 6, 2)
+        "blockwise", 0.2, 2, preset.bwcache["warmup_steps"], preset.bwcache["tail_steps"])
     assert block.indicator_token_stride == preset.bwcache["indicator_token_stride"]
     assert resolve_config(preset, 30, **methods["bw-block-0.3-w2"].params).warmup_steps == 2
     assert resolve_config(preset, 30, **methods["bw-block-0.3-r3"].params).reuse_interval == 3

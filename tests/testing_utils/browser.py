@@ -116,10 +116,11 @@ def click_text(driver, selector: str, text: str) -> None:
     """Click the first element matching `selector` whose text contains `text`."""
     from selenium.webdriver.common.by import By
 
-    matches = [e for e in driver.find_elements(By.CSS_SELECTOR, selector) if text in e.text]
+    # textContent, not the rendered text: an element scrolled out of its container renders no text.
+    matches = [e for e in driver.find_elements(By.CSS_SELECTOR, selector) if text in (e.get_attribute("textContent") or "")]
     if not matches:
         raise LookupError(f"no {selector} with the text {text!r}")
-    matches[0].click()
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", matches[0])
 
 
 def select_tab(driver, label: str) -> None:

@@ -386,7 +386,7 @@ def test_example_images_are_the_data_modules(tmp_path):
     from bwcache.tiny.data import EXAMPLE_IMAGES, example_image_name, make_prompt, write_example_images
     from bwcache.tiny.pipeline import load_config
 
-    shipped = ASSETS_DIR.parent / "i2v"
+    shipped = ASSETS_DIR.parent / "first-frames"
     config = load_config()
     written = write_example_images(tmp_path, config["data"]["scene"])
     assert [prompt for _, prompt in written] == [make_prompt(c, s, d) for _, c, s, d in EXAMPLE_IMAGES]
