@@ -153,8 +153,10 @@ def list_examples(root: str | Path, presets: Mapping[str, Preset] | None = None)
         if presets is not None and record.get("preset") not in presets:
             continue
         examples.append({"name": folder.name, "dir": folder, "record": record})
-    # In the order they were recorded (scripts/make_examples.py records them in the order the app shows them).
-    return sorted(examples, key=lambda e: (str(e["record"].get("created", "")), e["name"]))
+    # Image-to-video first (the most asked-for workload), then in the order they were recorded
+    # (scripts/make_examples.py records the method at its best first and the paper's own settings last).
+    return sorted(examples, key=lambda e: (e["record"].get("image") is None, str(e["record"].get("created", "")),
+                                           e["name"]))
 
 
 def example_paths(folder: str | Path) -> dict:

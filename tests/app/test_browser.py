@@ -176,9 +176,10 @@ def test_an_uploaded_first_frame_starts_the_video(page, tmp_path):
     upload.send_keys(str(path))
     browser.wait_for(page, "const i = document.querySelector('#image img'); return i && i.naturalWidth > 0", 30,
                      "the uploaded image in the form")
-    browser.click(page, "#advanced-settings button, #advanced-settings .label-wrap")
+    if not page.execute_script("return document.querySelector('#steps input')"):  # the accordion may be open already
+        browser.click(page, "#advanced-settings button, #advanced-settings .label-wrap")
+        browser.wait_for(page, "return document.querySelector('#steps input')", 10, "the advanced settings")
     browser.fill(page, "steps", 10)
-    browser.click(page, "#advanced-settings button, #advanced-settings .label-wrap")
     before = set(Path(app.OUTPUT_ROOT).iterdir())
     browser.click(page, "#run-button")
     browser.wait_for(page, "const t = document.querySelector('#summary').innerText;"
