@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bwcache.bench import HELD_OUT_PROMPTS  # noqa: E402
 from bwcache import BWCacheConfig, cached  # noqa: E402
 from bwcache.schedule import predict_schedule  # noqa: E402
 from bwcache.tiny.evaluate import adherence_cases  # noqa: E402
@@ -49,16 +50,6 @@ from bwcache.tiny.judge import judge  # noqa: E402
 from bwcache.tiny.pipeline import build_scheduler, input_layout, load_config, load_pipeline  # noqa: E402
 
 FEATURES = ("hidden_states", "modulated")
-HELD_OUT_PROMPTS = (  # bwcache.bench.HELD_OUT_PROMPTS
-    "a green square moving left",
-    "a yellow circle moving right",
-    "a magenta square moving up",
-    "a cyan circle moving down",
-    "a blue circle moving down",
-    "a red square moving up",
-    "a white circle moving left",
-    "a yellow square moving right",
-)
 TRIGGER_WINDOW = (0.10, 0.45)
 MIN_REUSED = 0.25
 SECTIONS = ("curves", "official", "adherence", "i2v", "speed")

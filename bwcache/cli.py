@@ -169,16 +169,11 @@ def _preflight(args) -> None:
     if not 1 <= args.timing_repeats <= 20:
         raise ValueError(f"--timing-repeats must be from 1 to 20, got {args.timing_repeats}.")
     from .runner import resolve_preset
-    from .ui import check_request, request_config, request_fields
+    from .ui import request_config
 
     preset = resolve_preset(args.preset)
+    request = _request(args, preset)
     if args.profile_file is not None:
-        if args.profile:
-            raise ValueError("Give --profile or --profile-file, not both.")
-        check_profile_file(args.profile_file)
-    request = check_request(preset, **{name: getattr(args, name) for name in request_fields(preset) if hasattr(args, name)})
-    if args.profile_file is not None:
-        request["profile"] = str(args.profile_file)
         request_config(preset, request)  # the file's settings with the options that change them, checked
     if not args.context_parallel:  # several processes share the memory out: the one-process plan does not apply
         from .pipelines import default_device
@@ -236,6 +231,20 @@ def _run_compare(args, request: dict) -> int:
     return 0
 
 
+def _request(args, preset) -> dict:
+    """The run the options ask for, checked (a profile file in place of a named profile)."""
+    from .ui import check_request, request_fields
+
+    if args.profile_file is not None:
+        if args.profile:
+            raise ValueError("Give --profile or --profile-file, not both.")
+        check_profile_file(args.profile_file)
+    request = check_request(preset, **{name: getattr(args, name) for name in request_fields(preset) if hasattr(args, name)})
+    if args.profile_file is not None:
+        request["profile"] = str(args.profile_file)
+    return request
+
+
 def _plan(args) -> int:
     """Print the memory plan of a request (its settings checked as for a run)."""
     from .plan import plan_memory
@@ -248,13 +257,7 @@ def _plan(args) -> int:
     if preset.image == "required":
         # The plan is the same with any first frame (its shapes are the video's): checked without one.
         preset = dataclasses.replace(preset, image="optional")
-    if args.profile_file is not None:
-        if args.profile:
-            raise ValueError("Give --profile or --profile-file, not both.")
-        check_profile_file(args.profile_file)
-    request = check_request(preset, **{name: getattr(args, name) for name in request_fields(preset) if hasattr(args, name)})
-    if args.profile_file is not None:
-        request["profile"] = str(args.profile_file)
+    request = _request(args, preset)
     plan = plan_memory(preset, request_config(preset, request), resolved_settings(preset, request), args.gpu_memory_gb)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
