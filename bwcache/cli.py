@@ -249,7 +249,7 @@ def _plan(args) -> int:
     """Print the memory plan of a request (its settings checked as for a run)."""
     from .plan import plan_memory
     from .runner import resolve_preset
-    from .ui import check_request, request_config, request_fields, resolved_settings
+    from .ui import request_config, resolved_settings
 
     if args.gpu_memory_gb is not None and not args.gpu_memory_gb > 0:
         raise ValueError(f"--gpu-memory-gb must be a number of GB > 0, got {args.gpu_memory_gb!r}.")
